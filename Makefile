@@ -1,0 +1,25 @@
+# The two set-up commands of the README, and the checks CI runs.
+PY ?= python3
+
+.PHONY: deps up down test lint proto
+
+deps:
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+# Start a local three-node cluster on 127.0.0.1-3 with its data in .floe/.
+up: deps
+	floe cluster up --nodes 3 --data-dir .floe
+
+down:
+	floe cluster down --data-dir .floe
+
+lint:
+	ruff check .
+	mypy kv cluster chaos bench proto/gen.py
+
+proto:
+	$(PY) -m proto.gen
+
+# Everything CI runs: lint, type checks, the whole test suite.
+test: deps lint
+	$(PY) -m pytest -q -ra
