@@ -1,0 +1,376 @@
+"""Raft for the KV: pysyncobj with floe's journal, a persistence barrier and conflict-only truncation.
+
+Theory of operation. pysyncobj runs Raft in one thread (the "tick" thread): each
+tick it computes the commit index, applies committed entries, sends
+AppendEntries, takes queued client commands into the log, then polls sockets,
+whose handlers process incoming messages. floe adds three things, each in its
+own small piece, without changing pysyncobj's code:
+
+1. FloeJournal (kv/journal.py) is the log and the term/vote store; appends are
+   buffered and made durable by `sync()`.
+
+2. The persistence barrier (PersistBarrierTransport). Every message pysyncobj
+   sends is queued; the queue is released by `barrier()`, which first calls
+   `journal.sync()` — one fdatasync for the whole batch of entries and messages.
+   `barrier()` runs at the start of each tick (before commit indexes are
+   computed and entries applied: nothing is applied that is not durable here)
+   and again after the tick's work, before the poll (so the leader's
+   AppendEntries leave in the same tick they were built). Raft §5.1 requires
+   that a server persists before it responds; with the barrier, a follower's
+   acknowledgement of entry i leaves only after entry i is on disk, and the
+   leader's own copy is on disk before any follower can acknowledge it, which
+   is the only way it can count toward a majority in a cluster of 2 or more.
+   Term and vote are persisted synchronously inside setCurrentTerm, before the
+   call returns to the code that sends the vote.
+
+3. Conflict-only truncation (`conflict_only`). pysyncobj's follower deletes
+   every entry after prevLogIdx whenever an AppendEntries overlaps its log.
+   Stale or duplicated AppendEntries (which short heartbeat periods produce all
+   the time) would then drop entries the follower already acknowledged, and a
+   committed entry could fall below a majority. Raft §5.3 step 3 deletes only
+   from the first entry whose term conflicts. The transport rewrites each
+   incoming AppendEntries before pysyncobj sees it: entries it already holds
+   with the same index and term are skipped; if nothing new remains, the
+   message becomes a heartbeat at the follower's last index, its commit index
+   is capped at the last entry the leader actually vouched for, and the
+   acknowledgement pysyncobj sends back is capped the same way (so the
+   follower never claims entries the leader did not send it). A real conflict
+   still reaches pysyncobj's truncation path unchanged. The journal refuses to
+   truncate an applied entry (a bug stops the node rather than diverging).
+
+Applying commands: a replicated method `_kv_apply(command)` runs on every node
+in log order; the entry's index is `raftLastApplied + 1` while it runs
+(pysyncobj increments raftLastApplied after the call; tests/test_raft.py checks
+it). KVState.apply is idempotent by index, so replay after restart is safe.
+
+Snapshots (log compaction): pysyncobj's custom-serializer hooks. The
+serializer takes a LevelDB snapshot synchronously (cheap) and streams it to a
+file in a background thread; `serializeChecker` reports SUCCESS only after the
+file is fsynced and renamed into place (durable.replace), and only then does
+pysyncobj drop journal entries. A follower that is behind the compacted log
+receives the file in 64 KiB chunks and loads it by streaming into a new
+LevelDB. Neither side holds the database in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import pysyncobj.syncobj as _pso
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.transport import TCPTransport
+
+from kv import durable
+from kv.journal import FloeJournal
+from kv.state import KVState
+
+log = logging.getLogger("floe.raft")
+
+# ---------------------------------------------------------------- journal hook
+
+_orig_create_journal = _pso.createJournal
+
+
+def _create_journal(journal_file: Any) -> Any:
+    """pysyncobj builds its journal with createJournal(conf.journalFile); a
+    FloeJournal passed as journalFile is used as is."""
+    if isinstance(journal_file, FloeJournal):
+        return journal_file
+    return _orig_create_journal(journal_file)
+
+
+_pso.createJournal = _create_journal
+
+
+# ---------------------------------------------------------------- conflict-only truncation
+
+
+class LogView(Protocol):
+    """What conflict_only reads of a log: entries (command, index, term) by position."""
+
+    def __getitem__(self, position: int) -> tuple[Any, int, int]: ...
+
+    def __len__(self) -> int: ...
+
+
+def conflict_only(log_entries: LogView,
+                  msg: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """Rewrite one AppendEntries so that applying it with pysyncobj's follower
+    code removes no entry unless a term conflicts (Raft §5.3).
+
+    Returns (message to process, ack cap): when the ack cap is not None, the
+    `next_node_idx` acknowledgement sent in reply must not exceed it.
+    Messages this function does not need to change are returned as they are.
+    """
+    if not log_entries or msg.get("prevLogIdx") is None or msg.get("transmission") is not None:
+        return msg, None
+    first, last = log_entries[0][1], log_entries[-1][1]
+    prev_idx, prev_term = msg["prevLogIdx"], msg["prevLogTerm"]
+    if prev_idx < first or prev_idx > last or log_entries[prev_idx - first][2] != prev_term:
+        return msg, None  # pysyncobj rejects it and asks the leader to back up
+    entries = msg.get("entries", [])
+    skip = 0
+    for e in entries:
+        idx, term = e[1], e[2]
+        if idx < first or (idx <= last and log_entries[idx - first][2] == term):
+            skip += 1  # compacted (so committed and applied) or the same entry
+        else:
+            break
+    if skip == 0 and (prev_idx == last or entries):
+        # Nothing duplicated: either it extends our log exactly where it ends,
+        # or its first entry conflicts and pysyncobj must truncate there.
+        return msg, None
+    if skip:
+        prev_idx, prev_term = entries[skip - 1][1], entries[skip - 1][2]
+    rest = list(entries[skip:])
+    out = dict(msg)
+    if rest:
+        out.update(prevLogIdx=prev_idx, prevLogTerm=prev_term, entries=rest)
+        return out, None
+    # Everything the leader sent is already here. Raft: commitIndex =
+    # min(leaderCommit, index of last new entry); our entries after prev_idx
+    # are not vouched for by this message.
+    out.update(prevLogIdx=last, prevLogTerm=log_entries[-1][2], entries=[],
+               commit_index=min(msg["commit_index"], prev_idx))
+    return out, prev_idx + 1
+
+
+# ---------------------------------------------------------------- transport with the barrier
+
+
+class PersistBarrierTransport(TCPTransport):  # type: ignore[misc]
+    """TCPTransport whose sends wait for the journal's sync (see module doc)."""
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
+        self._journal: FloeJournal = syncObj.floe_journal
+        self._queue: list[tuple[Any, Any]] = []
+        self._ack_cap: int | None = None
+        self.barriers = 0
+        self.rewrites = 0
+        super().__init__(syncObj, selfNode, otherNodes)
+        syncObj.addOnTickCallback(self.barrier)
+
+    def send(self, node: Any, message: Any) -> bool:
+        if self._ack_cap is not None and message.get("type") == "next_node_idx" and message.get("success"):
+            if message["next_node_idx"] > self._ack_cap:
+                message = dict(message, next_node_idx=self._ack_cap)
+        self._queue.append((node, message))
+        return True
+
+    def barrier(self) -> None:
+        """Make the journal durable, then release every queued message."""
+        self._journal.sync()
+        if not self._queue:
+            return
+        queue, self._queue = self._queue, []
+        self.barriers += 1
+        for node, message in queue:
+            if message.get("type") == "response_vote":
+                log.info("event=vote_granted term=%d candidate=%s", message["term"], node.id)
+            super().send(node, message)
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+        if message.get("type") == "append_entries" and "prevLogIdx" in message:
+            rewritten, cap = conflict_only(self._journal, message)
+            if rewritten is not message:
+                self.rewrites += 1
+            self._ack_cap = cap
+            try:
+                super()._onMessageReceived(node, rewritten)
+            finally:
+                self._ack_cap = None
+            return
+        super()._onMessageReceived(node, message)
+
+
+# ---------------------------------------------------------------- the Raft node
+
+ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+
+SNAPSHOT_MAGIC = b"FLOESNP1"
+
+
+class RaftError(Exception):
+    """A command could not be committed. `applied` says what is known:
+    False = definitely not applied, None = unknown (indeterminate)."""
+
+    def __init__(self, message: str, applied: bool | None) -> None:
+        super().__init__(message)
+        self.applied = applied
+
+
+_NOT_APPLIED = {FAIL_REASON.QUEUE_FULL: "command queue full", FAIL_REASON.MISSING_LEADER: "no leader",
+                FAIL_REASON.DISCARDED: "discarded by a new leader", FAIL_REASON.NOT_LEADER: "not the leader",
+                FAIL_REASON.REQUEST_DENIED: "request denied"}
+
+
+class RaftNode(SyncObj):  # type: ignore[misc]
+    """One member of the KV's Raft group, applying commands to a KVState."""
+
+    def __init__(self, self_address: str, peer_addresses: Sequence[str], raft_dir: str, state: KVState,
+                 conf_kwargs: dict[str, Any], on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        os.makedirs(raft_dir, exist_ok=True)
+        self.floe_state = state
+        self.floe_journal = FloeJournal(raft_dir, protected_index=lambda: state.applied_index)
+        self._raft_dir = raft_dir
+        self._snapshot_path = os.path.join(raft_dir, "snapshot")
+        self._snap_thread: threading.Thread | None = None
+        self._snap_result: str | None = None  # None running/idle, "ok", "failed"
+        self._on_event = on_event or (lambda name, fields: None)
+        self._address = self_address
+        conf = SyncObjConf(
+            journalFile=self.floe_journal,
+            fullDumpFile=self._snapshot_path,
+            serializer=self._serialize,
+            deserializer=self._deserialize,
+            serializeChecker=self._check_serialize,
+            onStateChanged=self._state_changed,
+            dynamicMembershipChange=False,
+            # Bind the Raft port to this node's own address only (pysyncobj
+            # would bind 0.0.0.0), so nodes on 127.0.0.1-3 share a port number.
+            bindAddress=self_address,
+            **conf_kwargs,
+        )
+        super().__init__(self_address, list(peer_addresses), conf, transportClass=PersistBarrierTransport)
+
+    # pysyncobj's tick, with the barrier first (see module doc).
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803
+        transport = self._SyncObj__transport
+        if isinstance(transport, PersistBarrierTransport):
+            transport.barrier()
+        super()._onTick(timeToWait)
+
+    @replicated
+    def _kv_apply(self, command: bytes) -> bytes:
+        index = self.raftLastApplied + 1
+        return self.floe_state.apply(index, command)
+
+    def submit(self, command: bytes, callback: Callable[[bytes | None, int], None]) -> None:
+        """Queue a serialized kv_pb2.Command; callback(result, fail_reason) runs on the Raft thread."""
+        self._kv_apply(command, callback=callback)
+
+    def commit(self, command: bytes, timeout_s: float) -> bytes:
+        """Replicate and apply one command; return its serialized CommandResult.
+
+        Returns only after a majority holds the entry durably and this node has
+        applied it. Raises RaftError with `applied` False (definitely not
+        applied) or None (unknown: timed out, or the leader changed after the
+        command was forwarded)."""
+        done = threading.Event()
+        box: list[Any] = []
+
+        def cb(result: bytes | None, err: int) -> None:
+            box.append((result, err))
+            done.set()
+
+        self.submit(command, cb)
+        if not done.wait(timeout_s):
+            raise RaftError(f"no commit within {timeout_s:.1f}s", applied=None)
+        result, err = box[0]
+        if err == FAIL_REASON.SUCCESS:
+            return bytes(result)
+        if err in _NOT_APPLIED:
+            raise RaftError(_NOT_APPLIED[err], applied=False)
+        raise RaftError(f"outcome unknown (pysyncobj reason {err})", applied=None)
+
+    # ---------------------------------------------------------------- status
+
+    def role(self) -> str:
+        return ROLE_NAMES[self.getStatus()["state"]]
+
+    def status(self) -> dict[str, Any]:
+        s = self.getStatus()
+        leader = s["leader"]
+        return {"role": ROLE_NAMES[s["state"]], "term": s["raft_term"], "commit_index": s["commit_idx"],
+                "applied_index": max(s["last_applied"], self.floe_state.applied_index),
+                "leader_raft": leader.address if leader is not None else "", "log_len": s["log_len"],
+                "ready": self.isReady(), "has_quorum": s["has_quorum"],
+                "connected": [n.address for n in self.otherNodes if self.isNodeConnected(n)],
+                "journal_syncs": self.floe_journal.syncs}
+
+    def _state_changed(self, old: int, new: int) -> None:
+        term = self.raftCurrentTerm
+        if new == 2:
+            log.info("event=became_leader term=%d node=%s", term, self._address)
+        self._on_event("role", {"role": ROLE_NAMES[new], "term": term})
+
+    # ---------------------------------------------------------------- snapshots
+
+    def _serialize(self, tmp_path: str, data: Any) -> None:
+        # data = (last applied entry, the entry before it, cluster nodes).
+        last_entry, prev_entry, _cluster = data
+        if self._snap_thread is not None:
+            raise RuntimeError("snapshot already running")
+        snap = self.floe_state.begin_snapshot()
+        raft_meta = pickle.dumps((tuple(last_entry), tuple(prev_entry)))
+        out = self._snapshot_path + ".floe-tmp"
+        self._snap_result = None
+
+        def run() -> None:
+            try:
+                state_tmp = out + ".state"
+                snap.write_to(state_tmp)
+                with open(out, "wb") as f, open(state_tmp, "rb") as src:
+                    f.write(SNAPSHOT_MAGIC + struct.pack("<I", len(raft_meta)) + raft_meta)
+                    shutil.copyfileobj(src, f, 1 << 20)
+                    f.flush()
+                    durable.sync_file(out, f.fileno())
+                os.unlink(state_tmp)
+                durable.replace(out, self._snapshot_path)
+                log.info("event=snapshot_written index=%d raft_index=%d bytes=%d", snap.index, last_entry[1],
+                         os.path.getsize(self._snapshot_path))
+                self._snap_result = "ok"
+            except Exception:
+                log.exception("event=snapshot_failed")
+                self._snap_result = "failed"
+            finally:
+                snap.release()
+
+        self._snap_thread = threading.Thread(target=run, name="floe-snapshot", daemon=True)
+        self._snap_thread.start()
+
+    def _check_serialize(self) -> int:
+        if self._snap_thread is None:
+            return SERIALIZER_STATE.NOT_SERIALIZING
+        if self._snap_thread.is_alive():
+            return SERIALIZER_STATE.SERIALIZING
+        self._snap_thread = None
+        return SERIALIZER_STATE.SUCCESS if self._snap_result == "ok" else SERIALIZER_STATE.FAILED
+
+    def _deserialize(self, path: str) -> tuple[Any, Any, Any]:
+        with open(path, "rb") as f:
+            head = f.read(len(SNAPSHOT_MAGIC) + 4)
+            if head[: len(SNAPSHOT_MAGIC)] != SNAPSHOT_MAGIC:
+                raise ValueError(f"{path}: not a floe snapshot")
+            (n,) = struct.unpack("<I", head[len(SNAPSHOT_MAGIC):])
+            last_entry, prev_entry = pickle.loads(f.read(n))
+            state_tmp = path + ".load"
+            with open(state_tmp, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+        try:
+            snap_index = KVState.snapshot_index(state_tmp)
+            if snap_index > self.floe_state.applied_index:
+                # A snapshot received from the leader (or our own, after the
+                # state was lost): make the file durable before the journal is
+                # cleared, then load it.
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    durable.sync_file(path, fd)
+                finally:
+                    os.close(fd)
+                durable.sync_dir(self._raft_dir)
+                t0 = time.monotonic()
+                self.floe_state.load_snapshot(state_tmp)
+                log.info("event=snapshot_loaded index=%d seconds=%.3f", snap_index, time.monotonic() - t0)
+        finally:
+            os.unlink(state_tmp)
+        return last_entry, prev_entry, None
