@@ -1,0 +1,1 @@
+"""The floe node process, its configuration, the local cluster launcher and the CLI."""
