@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 
 from kv import limits
-from kv.errors import NotFound
+from kv.errors import InvalidArgument, NotFound
 from kv.raft import RaftError, RaftNode
 from kv.state import KVState
 from proto import kv_pb2, kv_pb2_grpc
@@ -153,7 +153,7 @@ class KVService(kv_pb2_grpc.KVServicer):  # type: ignore[misc]
                 context.abort(e.code, e.message)
             except NotFound as e:
                 context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-            except (ValueError, TypeError) as e:
+            except (InvalidArgument, ValueError, TypeError) as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise AssertionError("unreachable")  # context.abort raises
         handler.__name__ = fn.__name__

@@ -341,8 +341,10 @@ class KVState:
                            f"{limits.COMMAND_BYTES_MAX}", index=index)
         try:
             cmd = kv_pb2.Command.FromString(command)
-        except pb_message.DecodeError as e:
-            return _result(_INVALID, f"command does not parse: {e}", index=index)
+        except pb_message.DecodeError:
+            # A fixed message: the parser's own wording may differ between protobuf
+            # versions, and this result is state (idempotency records, snapshots).
+            return _result(_INVALID, "command does not parse as a floe.kv.Command", index=index)
         problem = _name_problem("tenant", cmd.tenant)
         if problem is not None:
             return _result(_INVALID, problem, index=index)
@@ -463,7 +465,7 @@ class KVState:
         page_max = limits.SCAN_LIMIT_MAX if limit == 0 or limit > limits.SCAN_LIMIT_MAX else limit
         lower = max(prefix, start)
         if continuation:
-            lower = max(lower, _decode_continuation(continuation))
+            lower = max(lower, _decode_continuation(continuation) + b"\x00")
         uppers = [u for u in (end or None, _prefix_end(prefix) if prefix else None) if u is not None]
         upper = min(uppers) if uppers else None
         if upper is not None and lower >= upper:
