@@ -169,3 +169,14 @@ def test_garbage_requests_get_errors_and_the_node_keeps_serving(node, method, pa
     stub = kv_pb2_grpc.KVStub(ch)
     assert stub.Status(kv_pb2.StatusRequest(), timeout=3).role == "leader"
     ch.close()
+
+
+def test_bad_read_arguments_are_invalid_argument_not_unknown(alice):
+    alice.create_store("reads")
+    alice.create_keyspace("reads", "k")
+    with pytest.raises(InvalidArgument):
+        alice.scan("reads", "k", continuation=b"\xfe not a token")
+    with pytest.raises(InvalidArgument):
+        alice.scan("reads", "k", prefix=b"p" * (limits.KEY_BYTES_MAX + 1))
+    with pytest.raises(InvalidArgument):
+        alice.list_keyspaces("bad/name")
