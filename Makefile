@@ -8,10 +8,10 @@ deps:
 
 # Start a local three-node cluster on 127.0.0.1-3 with its data in .floe/.
 up: deps
-	floe cluster up --nodes 3 --data-dir .floe
+	$(PY) -m cluster.cli cluster up --nodes 3 --data-dir .floe
 
 down:
-	floe cluster down --data-dir .floe
+	$(PY) -m cluster.cli cluster down --data-dir .floe
 
 lint:
 	ruff check .
