@@ -508,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the benchmark cluster's directory (default {DEFAULT_BENCH_DATA_DIR})")
     p.add_argument("--seconds", type=_positive_float, default=10.0, help="how long to run (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timing", default=None, metavar="FIELD=VALUE,...",
+                   help="override Raft timing fields for the in-process rows, e.g. tick_s=0.001,use_batch=false")
+    p.add_argument("--sweep", action="store_true",
+                   help="only the in-process rows (bare pysyncobj vs floe's Raft layer), for a grid of timings")
     p.set_defaults(func=_cmd_bench_kv)
     return parser
 
