@@ -14,13 +14,14 @@ stable storage before responding to RPCs"):
   message of the new term, because pysyncobj sends only after the call returns.
 * Log entries are appended to an in-memory list and a pending write buffer.
   `sync()` writes the buffer and fdatasyncs the file. The transport
-  (kv/raft.py, PersistBarrierTransport) calls `sync()` before it lets any queued
-  message leave the node, so an entry is durable before a follower acknowledges
-  it and before the leader sends it (the leader counts itself toward a majority
-  only for entries that some follower has acknowledged after receiving them,
-  i.e. after the leader's own sync). The Raft thread also calls `sync()` at the
-  start of every tick, before commit indexes are computed and entries applied,
-  so nothing is applied to the state machine that is not durable locally.
+  (kv/raft.py, PersistBarrierTransport) calls `sync()` before it lets any
+  acknowledgement (or other non-AppendEntries message) leave the node, so a
+  follower acknowledges only entries on its disk. The Raft thread also calls
+  `sync()` at the start of every tick, before the leader computes the commit
+  index (where it counts itself toward the majority) and before any node
+  applies entries: the leader counts only entries durable on its own disk, and
+  nothing is applied that is not durable locally (`synced_index` lets the apply
+  step check this).
 * A truncation (a real term conflict) is a ftruncate followed by the same sync.
 
 Record format (little endian): u32 payload length, u32 crc32 of the payload,
@@ -32,7 +33,7 @@ and the file is cut there.
 Conflict-only truncation is enforced in `add()`: pysyncobj's follower path
 calls deleteEntriesFrom(prevLogIdx + 1) and then add() for every entry of an
 AppendEntries, even when they duplicate entries the follower has. Here
-deleteEntriesFrom() only records where the leader's entries begin; add() of an
+deleteEntriesFrom() does nothing; add() of an
 entry whose index and term match the one already stored keeps it (Raft §5.3:
 "If an existing entry conflicts with a new one (same index but different
 terms), delete the existing entry and all that follow it" — and only then),
@@ -88,6 +89,8 @@ class FloeJournal:
         self._pending = bytearray()  # encoded records not yet written
         self._end = 0  # file size once pending is written
         self._dirty_from: int | None = None
+        # Every entry at or below this index is durable (fsynced) here.
+        self.synced_index = 0
         self._term = 0
         self._voted_for: Any = None
         self.syncs = 0  # fsyncs of the journal file, for metrics and tests
@@ -138,6 +141,7 @@ class FloeJournal:
             os.ftruncate(fd, pos)
             durable.sync_file(self._path, fd, pos)
         self._end = pos
+        self.synced_index = self._entries[-1][1] if self._entries else 0
         return fd
 
     # ---------------------------------------------------------------- pysyncobj Journal interface
@@ -225,6 +229,7 @@ class FloeJournal:
             self._pending.clear()
         durable.sync_file(self._path, self._fd, self._dirty_from)
         self._dirty_from = None
+        self.synced_index = self._entries[-1][1] if self._entries else 0
         self.syncs += 1
         return True
 
@@ -254,6 +259,7 @@ class FloeJournal:
         del self._entries[pos:]
         del self._offsets[pos:]
         self._end = offset
+        self.synced_index = min(self.synced_index, idx - 1)
         self._mark(offset)
 
     def _rewrite(self, entries: list[Entry]) -> None:
@@ -278,3 +284,4 @@ class FloeJournal:
         self._pending.clear()
         self._end = len(buf)
         self._dirty_from = None
+        self.synced_index = entries[-1][1] if entries else 0

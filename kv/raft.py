@@ -10,18 +10,20 @@ own small piece, without changing pysyncobj's code:
    buffered and made durable by `sync()`.
 
 2. The persistence barrier (PersistBarrierTransport). Every message pysyncobj
-   sends is queued; the queue is released by `barrier()`, which first calls
-   `journal.sync()` — one fdatasync for the whole batch of entries and messages.
-   `barrier()` runs at the start of each tick (before commit indexes are
-   computed and entries applied: nothing is applied that is not durable here)
-   and again after the tick's work, before the poll (so the leader's
-   AppendEntries leave in the same tick they were built). Raft §5.1 requires
-   that a server persists before it responds; with the barrier, a follower's
-   acknowledgement of entry i leaves only after entry i is on disk, and the
-   leader's own copy is on disk before any follower can acknowledge it, which
-   is the only way it can count toward a majority in a cluster of 2 or more.
-   Term and vote are persisted synchronously inside setCurrentTerm, before the
-   call returns to the code that sends the vote.
+   sends, except the leader's AppendEntries, is queued; the queue is released
+   by `barrier()`, which first calls `journal.sync()` — one fdatasync for the
+   whole batch of entries and messages. `barrier()` runs at the start of each
+   tick and again after the tick's work, before the poll. Raft §5.1 requires
+   that a server persists before it responds: a follower's acknowledgement of
+   entry i leaves only after entry i is on its disk. The leader's own copy need
+   not be durable before it is sent (Ongaro's thesis §10.2.1: the leader may
+   write its log in parallel with replicating it), only before the leader
+   counts itself toward a majority. pysyncobj computes the commit index at the
+   start of a tick, right after the tick-start barrier has synced everything
+   appended so far, so the leader only ever counts entries on its disk; the
+   apply step checks the same fact (`synced_index`) before it applies. Term
+   and vote are persisted synchronously inside setCurrentTerm, before the call
+   returns to the code that sends a vote or any message of that term.
 
 3. Conflict-only truncation (`conflict_only`). pysyncobj's follower deletes
    every entry after prevLogIdx whenever an AppendEntries overlaps its log.
@@ -70,7 +72,7 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.transport import TCPTransport
 
 from kv import durable
-from kv.journal import FloeJournal
+from kv.journal import FloeJournal, JournalInvariantError
 from kv.state import KVState
 
 log = logging.getLogger("floe.raft")
@@ -160,6 +162,10 @@ class PersistBarrierTransport(TCPTransport):  # type: ignore[misc]
         syncObj.addOnTickCallback(self.barrier)
 
     def send(self, node: Any, message: Any) -> bool:
+        if message.get("type") == "append_entries":
+            # Only a leader sends these; they do not depend on its own log
+            # being durable yet (see the module doc).
+            return bool(super().send(node, message))
         if self._ack_cap is not None and message.get("type") == "next_node_idx" and message.get("success"):
             if message["next_node_idx"] > self._ack_cap:
                 message = dict(message, next_node_idx=self._ack_cap)
@@ -252,6 +258,11 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     @replicated
     def _kv_apply(self, command: bytes) -> bytes:
         index = self.raftLastApplied + 1
+        if index > self.floe_journal.synced_index:
+            # The tick-start barrier makes this impossible; if it ever happens,
+            # refuse to apply (pysyncobj retries the tick after the next sync).
+            log.critical("event=apply_before_sync index=%d synced_index=%d", index, self.floe_journal.synced_index)
+            raise JournalInvariantError(f"entry {index} applied before it was durable")
         return self.floe_state.apply(index, command)
 
     def submit(self, command: bytes, callback: Callable[[bytes | None, int], None]) -> None:
