@@ -188,3 +188,30 @@ def test_barrier_syncs_the_journal_before_any_message_leaves(tmp_path, monkeypat
         assert node.floe_journal.syncs == syncs + 1
     finally:
         node._destroy()
+
+
+def test_a_vote_survives_power_loss_so_no_second_vote_in_that_term(tmp_path, monkeypatch):
+    """Raft §5.1/§5.2: votedFor is persisted before the vote is sent. A node
+    that granted its vote in term 5 and then lost power (unsynced writes
+    dropped) must refuse another candidate in term 5."""
+    from kv import durable
+
+    monkeypatch.setenv(durable.SIM_ENV, "1")
+    raft_dir = tmp_path / "raft"
+
+    def vote_request(candidate: str, term: int) -> tuple[TCPNode, dict]:
+        return TCPNode(candidate), {"type": "request_vote", "term": term, "last_log_index": 1, "last_log_term": 0}
+
+    node, transport = make_follower(raft_dir)
+    transport._onMessageReceived(*vote_request("127.0.0.1:9", 5))
+    assert [m["type"] for _n, m in transport._queue] == ["response_vote"]
+    node._destroy()
+    durable.power_loss(tmp_path)
+
+    node, transport = make_follower(raft_dir)
+    try:
+        assert (node.raftCurrentTerm, node.floe_journal.getVotedForNodeId()) == (5, "127.0.0.1:9")
+        transport._onMessageReceived(*vote_request("127.0.0.1:10", 5))
+        assert not [m for _n, m in transport._queue if m["type"] == "response_vote"], "voted twice in term 5"
+    finally:
+        node._destroy()
