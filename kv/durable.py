@@ -47,13 +47,13 @@ def sync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def sync_file(path: str, fd: int, dirty_from: int = 0) -> None:
-    """fdatasync an open file. `dirty_from` is the lowest offset written or
-    truncated since the previous sync (0 if unknown): the simulator copies from
-    there into the shadow."""
+def sync_file(path: str, fd: int, dirty_from: int = 0, dirty_to: int | None = None) -> None:
+    """fdatasync an open file. [dirty_from, dirty_to) covers every byte written
+    or truncated since the previous sync (default: the whole file): the
+    simulator copies that range into the shadow."""
     os.fdatasync(fd)
     if simulating():
-        _update_shadow(path, dirty_from)
+        _update_shadow(path, dirty_from, dirty_to)
 
 
 def write_file(path: str, data: bytes) -> None:
@@ -79,16 +79,17 @@ def replace(src: str, dst: str) -> None:
     sync_dir(os.path.dirname(os.path.abspath(dst)))
 
 
-def _update_shadow(path: str, dirty_from: int) -> None:
+def _update_shadow(path: str, dirty_from: int, dirty_to: int | None) -> None:
     shadow = path + SHADOW_SUFFIX
     size = os.path.getsize(path)
     if not os.path.exists(shadow):
-        dirty_from = 0
+        dirty_from, dirty_to = 0, None
     start = min(dirty_from, size)
+    end = size if dirty_to is None else min(dirty_to, size)
     with open(path, "rb") as src, open(shadow, "r+b" if os.path.exists(shadow) else "w+b") as dst:
         src.seek(start)
         dst.seek(start)
-        shutil.copyfileobj(src, dst, 1 << 20)
+        dst.write(src.read(max(0, end - start)))
         dst.truncate(size)
 
 

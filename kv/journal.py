@@ -22,7 +22,14 @@ stable storage before responding to RPCs"):
   applies entries: the leader counts only entries durable on its own disk, and
   nothing is applied that is not durable locally (`synced_index` lets the apply
   step check this).
-* A truncation (a real term conflict) is a ftruncate followed by the same sync.
+* A truncation (a real term conflict) zeroes the cut records, then the same sync.
+
+The file is preallocated with zeros in PREALLOC_BYTES chunks, and records
+overwrite the zeros. An fdatasync that changes no file size (no metadata) is a
+plain data flush: on ext4 it does not force a journal commit, which would also
+flush every other file's pending data (the LevelDB state) and made each sync
+take 0.6-0.7 ms instead of ~0.1 ms in the benchmark. A header of zeros is the
+clean end of the journal.
 
 Record format (little endian): u32 payload length, u32 crc32 of the payload,
 payload = u64 index, u64 term, command bytes. On open, a record that is short
@@ -56,6 +63,10 @@ from kv import durable
 log = logging.getLogger("floe.journal")
 
 MAGIC = b"FLOEJRNL\x00\x00\x00\x01"
+# Preallocation chunk: one metadata-changing fsync per 4 MiB of log (about
+# 20,000 small entries); the rest are data-only syncs.
+PREALLOC_BYTES = 4 * 1024 * 1024
+_ZEROS = bytes(1024 * 1024)
 _HDR = struct.Struct("<II")
 _ENTRY = struct.Struct("<QQ")
 
@@ -87,8 +98,10 @@ class FloeJournal:
         self._entries: list[Entry] = []
         self._offsets: list[int] = []  # file offset of each entry's record
         self._pending = bytearray()  # encoded records not yet written
-        self._end = 0  # file size once pending is written
+        self._end = 0  # end of the records once pending is written
+        self._allocated = 0  # file size (zeros past _end)
         self._dirty_from: int | None = None
+        self._dirty_to = 0
         # Every entry at or below this index is durable (fsynced) here.
         self.synced_index = 0
         self._term = 0
@@ -116,6 +129,7 @@ class FloeJournal:
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
         if new:
             os.write(fd, MAGIC)
+            _zero_fill(fd, len(MAGIC), PREALLOC_BYTES)
             durable.sync_file(self._path, fd)
             durable.sync_dir(self._dir)
         with open(self._path, "rb") as f:
@@ -135,12 +149,17 @@ class FloeJournal:
             self._entries.append((payload[_ENTRY.size :], idx, term))
             self._offsets.append(pos)
             pos += _HDR.size + length
-        if pos != len(data):
+        tail = data[pos:].rstrip(b"\0")
+        if tail:
+            # The torn tail of a write that was never synced (or records cut
+            # by a truncation whose zeroing was not synced): zero it so it can
+            # never be read back as records.
             log.warning("event=journal_torn_tail path=%s kept_bytes=%d dropped_bytes=%d entries=%d",
-                        self._path, pos, len(data) - pos, len(self._entries))
-            os.ftruncate(fd, pos)
-            durable.sync_file(self._path, fd, pos)
+                        self._path, pos, len(tail), len(self._entries))
+            _zero_fill(fd, pos, pos + len(tail))
+            durable.sync_file(self._path, fd, pos, pos + len(tail))
         self._end = pos
+        self._allocated = len(data)
         self.synced_index = self._entries[-1][1] if self._entries else 0
         return fd
 
@@ -224,23 +243,35 @@ class FloeJournal:
         """Make every appended entry and truncation durable. Returns True if it fsynced."""
         if self._dirty_from is None:
             return False
-        if self._pending:
-            os.pwrite(self._fd, self._pending, self._end - len(self._pending))
-            self._pending.clear()
-        durable.sync_file(self._path, self._fd, self._dirty_from)
+        self._write_pending()
+        durable.sync_file(self._path, self._fd, self._dirty_from, self._dirty_to)
         self._dirty_from = None
+        self._dirty_to = 0
         self.synced_index = self._entries[-1][1] if self._entries else 0
         self.syncs += 1
         return True
 
-    def _mark(self, offset: int) -> None:
-        self._dirty_from = offset if self._dirty_from is None else min(self._dirty_from, offset)
+    def _mark(self, start: int, end: int) -> None:
+        self._dirty_from = start if self._dirty_from is None else min(self._dirty_from, start)
+        self._dirty_to = max(self._dirty_to, end)
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        if self._end > self._allocated:
+            # Grow by whole chunks of zeros; this one sync changes metadata.
+            new_size = (self._end // PREALLOC_BYTES + 1) * PREALLOC_BYTES
+            _zero_fill(self._fd, self._allocated, new_size)
+            self._mark(self._allocated, new_size)
+            self._allocated = new_size
+        os.pwrite(self._fd, self._pending, self._end - len(self._pending))
+        self._pending.clear()
 
     def _append(self, entry: Entry) -> None:
         rec = _encode(entry)
         self._entries.append(entry)
         self._offsets.append(self._end)
-        self._mark(self._end)
+        self._mark(self._end, self._end + len(rec))
         self._pending += rec
         self._end += len(rec)
 
@@ -250,17 +281,16 @@ class FloeJournal:
             raise JournalInvariantError(
                 f"refusing to delete entry {idx}: entries up to {self._protected_index()} are applied (committed)")
         log.warning("event=journal_conflict_truncate from_index=%d dropped=%d", idx, len(self._entries) - pos)
-        # Write out what is pending first so offsets and the file agree.
-        if self._pending:
-            os.pwrite(self._fd, self._pending, self._end - len(self._pending))
-            self._pending.clear()
+        # Write out what is pending first so offsets and the file agree, then
+        # zero the cut records.
+        self._write_pending()
         offset = self._offsets[pos]
-        os.ftruncate(self._fd, offset)
+        _zero_fill(self._fd, offset, self._end)
+        self._mark(offset, self._end)
         del self._entries[pos:]
         del self._offsets[pos:]
         self._end = offset
         self.synced_index = min(self.synced_index, idx - 1)
-        self._mark(offset)
 
     def _rewrite(self, entries: list[Entry]) -> None:
         """Replace the journal with `entries`, durably (new file, fsync, rename, fsync dir)."""
@@ -271,8 +301,10 @@ class FloeJournal:
         for e in entries:
             offsets.append(len(buf))
             buf += _encode(e)
+        allocated = (len(buf) // PREALLOC_BYTES + 1) * PREALLOC_BYTES
         try:
             os.write(fd, buf)
+            _zero_fill(fd, len(buf), allocated)
             durable.sync_file(tmp, fd)
         finally:
             os.close(fd)
@@ -283,5 +315,15 @@ class FloeJournal:
         self._offsets = offsets
         self._pending.clear()
         self._end = len(buf)
+        self._allocated = allocated
         self._dirty_from = None
+        self._dirty_to = 0
         self.synced_index = entries[-1][1] if entries else 0
+
+
+def _zero_fill(fd: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        n = min(len(_ZEROS), end - pos)
+        os.pwrite(fd, _ZEROS[:n], pos)
+        pos += n

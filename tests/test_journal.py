@@ -37,12 +37,17 @@ def test_torn_tail_is_cut_on_open(tmp_path):
     j.add(b"b", 2, 1)
     j._destroy()
     path = tmp_path / "journal"
-    size = path.stat().st_size
-    with open(path, "ab") as f:
+    end = j._end
+    with open(path, "r+b") as f:
+        f.seek(end)
         f.write(b"\x30\x00\x00\x00garbage")  # a record header promising 48 bytes, then too few
     j2 = FloeJournal(str(tmp_path))
     assert entries(j2) == [(b"a", 1, 1), (b"b", 2, 1)]
-    assert path.stat().st_size == size
+    assert path.read_bytes()[end:].strip(b"\0") == b""  # the torn bytes were zeroed
+    j2.add(b"c", 3, 1)
+    j2.sync()
+    j2._destroy()
+    assert [e[1] for e in entries(FloeJournal(str(tmp_path)))] == [1, 2, 3]
 
 
 def test_bit_flip_in_last_record_drops_it(tmp_path):
@@ -52,7 +57,7 @@ def test_bit_flip_in_last_record_drops_it(tmp_path):
     j._destroy()
     path = tmp_path / "journal"
     data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
+    data[j._end - 1] ^= 0xFF
     path.write_bytes(bytes(data))
     assert [e[1] for e in entries(FloeJournal(str(tmp_path)))] == [1, 2]
 
@@ -134,4 +139,33 @@ def test_compaction_rewrite_and_clear(tmp_path):
     assert [e[1] for e in entries(j2)] == [8, 9, 10, 11]
     j2.clear()
     assert len(j2) == 0
-    assert (tmp_path / "journal").read_bytes() == MAGIC
+    data = (tmp_path / "journal").read_bytes()
+    assert data.startswith(MAGIC) and data[len(MAGIC):].strip(b"\0") == b""
+
+
+def test_sync_without_growth_changes_no_file_size(tmp_path):
+    """Records overwrite preallocated zeros, so a data-only fdatasync suffices."""
+    j = FloeJournal(str(tmp_path))
+    size = (tmp_path / "journal").stat().st_size
+    for i in range(1, 200):
+        j.add(b"x" * 100, i, 1)
+        j.sync()
+    assert (tmp_path / "journal").stat().st_size == size
+
+
+def test_growth_past_the_preallocation_and_cut_across_it(tmp_path):
+    from kv.journal import PREALLOC_BYTES
+
+    j = FloeJournal(str(tmp_path))
+    big = b"y" * 40_000
+    n = PREALLOC_BYTES // len(big) + 5
+    for i in range(1, n + 1):
+        j.add(big, i, 1)
+    j.sync()
+    assert (tmp_path / "journal").stat().st_size > PREALLOC_BYTES
+    j.add(b"other", n - 3, 2)  # a conflict: cut the last 4 entries, append one of term 2
+    j.sync()
+    j._destroy()
+    got = entries(FloeJournal(str(tmp_path)))
+    assert [e[1] for e in got] == list(range(1, n - 2))
+    assert got[-1] == (b"other", n - 3, 2)
