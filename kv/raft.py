@@ -56,6 +56,7 @@ LevelDB. Neither side holds the database in memory.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -63,10 +64,12 @@ import shutil
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import pysyncobj.syncobj as _pso
+import pysyncobj.tcp_connection as _tcp_connection
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.transport import TCPTransport
@@ -91,6 +94,57 @@ def _create_journal(journal_file: Any) -> Any:
 
 
 _pso.createJournal = _create_journal
+
+
+# ---------------------------------------------------------------- untrusted bytes on the Raft port
+
+# pysyncobj's wire format is zlib-compressed pickle. Unpickling attacker bytes
+# runs arbitrary code, and a small zlib bomb can inflate to gigabytes, so floe
+# replaces the two functions its connection code calls: messages may contain
+# only plain data (dicts, lists, tuples, bytes, str, numbers, bools, None —
+# everything pysyncobj sends), never a reference to a class or function, and
+# a message inflates to at most RAFT_MESSAGE_BYTES_MAX.
+RAFT_MESSAGE_BYTES_MAX = 64 * 1024 * 1024
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    # Pickle protocol 2 (pysyncobj's) spells a bytes object as a call of
+    # _codecs.encode(str, "latin1"); that pure data transform is the one
+    # callable a message may name.
+    _ALLOWED = frozenset({("_codecs", "encode")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name} in a Raft message")
+
+
+class _SafeWire:
+    """Stands in for the `pickle` and `zlib` modules inside pysyncobj.tcp_connection."""
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return _PlainDataUnpickler(io.BytesIO(data)).load()
+
+    @staticmethod
+    def dumps(obj: Any, protocol: int | None = None) -> bytes:
+        return pickle.dumps(obj, 2)
+
+    @staticmethod
+    def compress(data: bytes, level: int = -1) -> bytes:
+        return zlib.compress(data, level)
+
+    @staticmethod
+    def decompress(data: bytes) -> bytes:
+        d = zlib.decompressobj()
+        out = d.decompress(data, RAFT_MESSAGE_BYTES_MAX)
+        if d.unconsumed_tail:
+            raise ValueError("Raft message inflates past RAFT_MESSAGE_BYTES_MAX")
+        return out
+
+
+_tcp_connection.pickle = _SafeWire  # type: ignore[assignment]
+_tcp_connection.zlib = _SafeWire  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------- conflict-only truncation
@@ -363,7 +417,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             if head[: len(SNAPSHOT_MAGIC)] != SNAPSHOT_MAGIC:
                 raise ValueError(f"{path}: not a floe snapshot")
             (n,) = struct.unpack("<I", head[len(SNAPSHOT_MAGIC):])
-            last_entry, prev_entry = pickle.loads(f.read(n))
+            # The file may have come from the leader over the network: plain data only.
+            last_entry, prev_entry = _SafeWire.loads(f.read(n))
             state_tmp = path + ".load"
             with open(state_tmp, "wb") as out:
                 shutil.copyfileobj(f, out, 1 << 20)

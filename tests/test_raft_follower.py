@@ -215,3 +215,51 @@ def test_a_vote_survives_power_loss_so_no_second_vote_in_that_term(tmp_path, mon
         assert not [m for _n, m in transport._queue if m["type"] == "response_vote"], "voted twice in term 5"
     finally:
         node._destroy()
+
+
+def test_raft_port_refuses_pickled_code_and_zlib_bombs(tmp_path):
+    """Every byte from the network is untrusted: a pickle that names a callable
+    is refused (no code runs), an oversized inflation is refused, and the node
+    keeps serving its Raft port."""
+    import os
+    import pickle
+    import struct
+    import zlib
+
+    node, transport = make_follower(tmp_path / "raft")
+    try:
+        marker = tmp_path / "pwned"
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        host, port = node.selfNode.address.rsplit(":", 1)
+        payloads = [zlib.compress(pickle.dumps(Evil(), 2)),
+                    zlib.compress(b"\x00" * (70 * 1024 * 1024), 9),
+                    b"garbage that is not zlib"]
+        for payload in payloads:
+            with socket.create_connection((host, int(port)), timeout=2) as s:
+                s.sendall(struct.pack("i", len(payload)) + payload)
+                for _ in range(50):
+                    node.doTick(0.01)
+                s.settimeout(1)
+                assert s.recv(1) == b"", "the node should close the connection"
+        assert not marker.exists(), "unpickling ran attacker code"
+        # Plain data still flows: a vote request is answered.
+        transport._onMessageReceived(TCPNode("127.0.0.1:9"), {"type": "request_vote", "term": 3,
+                                                               "last_log_index": 1, "last_log_term": 0})
+        assert [m["type"] for _n, m in transport._queue] == ["response_vote"]
+    finally:
+        node._destroy()
+
+
+def test_safe_wire_round_trips_every_message_shape():
+    from kv.raft import _SafeWire
+
+    for msg in [{"type": "append_entries", "term": 3, "commit_index": 5, "prevLogIdx": 4, "prevLogTerm": 2,
+                 "entries": [(b"\x00cmd", 5, 3)]},
+                {"type": "append_entries", "term": 1, "commit_index": 1, "serialized": (b"chunk", True, False)},
+                {"type": "next_node_idx", "next_node_idx": 7, "reset": False, "success": True},
+                "127.0.0.1:7100", ["status", "x"], None]:
+        assert _SafeWire.loads(_SafeWire.decompress(_SafeWire.compress(_SafeWire.dumps(msg), 3))) == msg
