@@ -445,13 +445,17 @@ def test_a_stale_read_is_caught(specs: list[Spec], data: st.DataObject) -> None:
     # The read sees a write X although a completed write Y began after X completed and
     # completed before the read began.
     history = simulate(specs)
-    writes = [op for op in history if op.kind == "write" and op.outcome == "ok" and op.end is not None]
+    # (start, end, value) of every completed write or delete.
+    done: list[tuple[float, float, bytes | None]] = []
+    for op in history:
+        if op.kind != "read" and op.outcome == "ok" and op.end is not None:
+            done.append((op.start, op.end, op.value))
     stale = [
-        (i, x.value)
+        (i, x_value)
         for i, read in enumerate(history)
         if read.kind == "read" and read.outcome == "ok"
-        for x in writes
-        if any(x.end < y.start and y.end < read.start for y in writes if y.end is not None) and x.end is not None
+        for _, x_end, x_value in done
+        if x_value is not None and any(x_end < y_start and y_end < read.start for y_start, y_end, _ in done)
     ]
     if not stale:
         return
