@@ -109,13 +109,15 @@ RAFT_MESSAGE_BYTES_MAX = 64 * 1024 * 1024
 
 class _PlainDataUnpickler(pickle.Unpickler):
     # Pickle protocol 2 (pysyncobj's) spells a bytes object as a call of
-    # _codecs.encode(str, "latin1"); that pure data transform is the one
-    # callable a message may name.
-    _ALLOWED = frozenset({("_codecs", "encode")})
+    # _codecs.encode(str, "latin1"), and an empty one as bytes(); those pure
+    # data constructors are the only callables a message may name.
+    _ALLOWED = frozenset({("_codecs", "encode"), ("__builtin__", "bytes"), ("builtins", "bytes")})
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
+        # pysyncobj closes the connection without a word; say why.
+        log.warning("event=raft_message_refused reason=global name=%s.%s", module, name)
         raise pickle.UnpicklingError(f"refusing {module}.{name} in a Raft message")
 
 

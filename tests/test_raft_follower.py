@@ -260,6 +260,8 @@ def test_safe_wire_round_trips_every_message_shape():
     for msg in [{"type": "append_entries", "term": 3, "commit_index": 5, "prevLogIdx": 4, "prevLogTerm": 2,
                  "entries": [(b"\x00cmd", 5, 3)]},
                 {"type": "append_entries", "term": 1, "commit_index": 1, "serialized": (b"chunk", True, False)},
+                {"type": "append_entries", "term": 1, "commit_index": 1, "serialized": (b"", False, True)},
+                {"type": "append_entries", "term": 1, "commit_index": 1, "entries": [(b"", 2, 1)]},
                 {"type": "next_node_idx", "next_node_idx": 7, "reset": False, "success": True},
                 "127.0.0.1:7100", ["status", "x"], None]:
         assert _SafeWire.loads(_SafeWire.decompress(_SafeWire.compress(_SafeWire.dumps(msg), 3))) == msg
