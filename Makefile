@@ -14,10 +14,10 @@ down:
 	$(PY) -m cluster.cli cluster down --data-dir .floe
 
 lint:
-	ruff check .
-	mypy kv cluster chaos bench proto/gen.py
+	$(PY) -m ruff check .
+	$(PY) -m mypy kv cluster chaos bench proto/gen.py
 	# The pure cores (no I/O of their own) are held to --strict.
-	mypy --strict kv/state.py kv/journal.py kv/limits.py kv/errors.py chaos/linearizability.py chaos/history.py
+	$(PY) -m mypy --strict kv/state.py kv/journal.py kv/limits.py kv/errors.py chaos/linearizability.py chaos/history.py
 
 proto:
 	$(PY) -m proto.gen
