@@ -42,8 +42,9 @@ own small piece, without changing pysyncobj's code:
 
 Applying commands: a replicated method `_kv_apply(command)` runs on every node
 in log order; the entry's index is `raftLastApplied + 1` while it runs
-(pysyncobj increments raftLastApplied after the call; tests/test_raft.py checks
-it). KVState.apply is idempotent by index, so replay after restart is safe.
+(pysyncobj increments raftLastApplied after the call; tests/test_kv_api.py
+checks it against the journal). KVState.apply is idempotent by index, so
+replay after restart is safe.
 
 Snapshots (log compaction): pysyncobj's custom-serializer hooks. The
 serializer takes a LevelDB snapshot synchronously (cheap) and streams it to a

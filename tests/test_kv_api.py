@@ -31,6 +31,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+node_fixture_raft: list[RaftNode] = []
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     d = tmp_path_factory.mktemp("node")
@@ -44,7 +47,9 @@ def node(tmp_path_factory):
         if time.monotonic() > deadline:
             raise RuntimeError("single node did not become leader")
         time.sleep(0.05)
+    node_fixture_raft.append(raft)
     yield api
+    node_fixture_raft.clear()
     server.stop(0)
     raft.destroy_synchronous()
     state.close()
@@ -180,3 +185,19 @@ def test_bad_read_arguments_are_invalid_argument_not_unknown(alice):
         alice.scan("reads", "k", prefix=b"p" * (limits.KEY_BYTES_MAX + 1))
     with pytest.raises(InvalidArgument):
         alice.list_keyspaces("bad/name")
+
+
+def test_the_applied_entry_index_is_raft_last_applied_plus_one(node, alice):
+    """pysyncobj 0.3.17 increments raftLastApplied after a replicated method
+    returns, so inside it the entry's index is raftLastApplied + 1. The index
+    the state machine stored (the put's result and the key's version) must be
+    the index of the entry in the Raft journal holding that command."""
+    raft = node_fixture_raft[0]
+    alice.create_store("idx")
+    alice.create_keyspace("idx", "k")
+    for i in range(5):
+        index = alice.put("idx", "k", b"key%d" % i, b"v%d" % i)
+        journal = raft.floe_journal
+        entry = next(journal[p] for p in range(len(journal)) if journal[p][1] == index)
+        assert b"key%d" % i in bytes(entry[0]), "the result's index names another entry"
+        assert alice.get("idx", "k", b"key%d" % i) == (b"v%d" % i, index)
