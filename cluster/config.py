@@ -92,6 +92,10 @@ class NodeConfig:
     tenants: tuple[Tenant, ...] = ()
     raft: RaftTiming = field(default_factory=RaftTiming)
     log_level: str = "INFO"
+    # Shared secret of the Raft group. When set, node-to-node Raft traffic is
+    # authenticated and encrypted (pysyncobj's Fernet links); a host without
+    # it cannot send Raft messages. Empty = unauthenticated links.
+    raft_secret: str = ""
 
     @property
     def raft_address(self) -> str:
@@ -123,6 +127,7 @@ def _to_plain(cfg: NodeConfig) -> dict[str, Any]:
         "raft_port": cfg.raft_port,
         "api_port": cfg.api_port,
         "log_level": cfg.log_level,
+        "raft_secret": cfg.raft_secret,
         "peers": [dataclasses.asdict(p) for p in cfg.peers],
         "tenants": [dataclasses.asdict(t) for t in cfg.tenants],
         "raft": dataclasses.asdict(cfg.raft),
@@ -159,6 +164,7 @@ def parse(text: str) -> NodeConfig:
             tenants=tenants,
             raft=raft,
             log_level=str(raw.get("log_level", "INFO")),
+            raft_secret=str(raw.get("raft_secret", "")),
         )
     except KeyError as e:
         raise ConfigError(f"missing required key {e}") from e

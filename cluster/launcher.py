@@ -142,11 +142,14 @@ class LocalNode:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """What cluster.toml says: the nodes (ordered by id) and the default tenant's token."""
+    """What cluster.toml says: the nodes (ordered by id), the default tenant's
+    token and the Raft group's shared secret (empty for clusters made before
+    floe generated one)."""
 
     data_dir: Path
     nodes: tuple[LocalNode, ...]
     token: str
+    raft_secret: str = ""
 
     def node(self, node_id: str) -> LocalNode:
         for n in self.nodes:
@@ -166,6 +169,7 @@ class Layout:
             api_port=node.api_port,
             peers=peers,
             tenants=(node_config.Tenant(DEFAULT_TENANT, self.token),),
+            raft_secret=self.raft_secret,
         )
 
 
@@ -246,6 +250,7 @@ def write_layout(
             for i in range(1, nodes + 1)
         ),
         token=token if token is not None else secrets.token_hex(16),
+        raft_secret=secrets.token_hex(16),
     )
     root.mkdir(parents=True, exist_ok=True)
     for node in layout.nodes:
@@ -255,6 +260,7 @@ def write_layout(
         "format": LAYOUT_FORMAT,
         "nodes": [{"id": n.id, "host": n.host, "raft_port": n.raft_port, "api_port": n.api_port} for n in layout.nodes],
         "tenants": [{"name": DEFAULT_TENANT, "token": layout.token}],
+        "raft_secret": layout.raft_secret,
     }
     header = (
         "# A local floe cluster, written by `floe cluster up`. The launcher reads the node\n"
@@ -295,7 +301,7 @@ def load_layout(data_dir: str | Path) -> Layout:
         raise ClusterError(f"{path}: the node list must be non-empty with unique ids, got {ids}")
     if len(tokens) != 1:
         raise ClusterError(f"{path}: expected exactly one [[tenants]] entry named {DEFAULT_TENANT!r}")
-    return Layout(root, tuple(sorted(nodes, key=lambda n: n.id)), tokens[0])
+    return Layout(root, tuple(sorted(nodes, key=lambda n: n.id)), tokens[0], str(raw.get("raft_secret", "")))
 
 
 def ensure_layout(

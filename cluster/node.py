@@ -51,8 +51,11 @@ def main(config_path: str) -> int:
     setup_logging(cfg.node_id, cfg.log_level)
     os.makedirs(cfg.data_dir, exist_ok=True)
     state = KVState(os.path.join(cfg.data_dir, "state"))
+    conf = raft_conf(cfg.raft)
+    if cfg.raft_secret:
+        conf["password"] = cfg.raft_secret  # authenticated, encrypted Raft links
     raft = RaftNode(cfg.raft_address, [p.raft_address for p in cfg.peers], os.path.join(cfg.data_dir, "raft"),
-                    state, raft_conf(cfg.raft))
+                    state, conf)
     api_of_raft = {p.raft_address: p.api_address for p in cfg.all_peers()}
     service = KVService(raft, state, {t.token: t.name for t in cfg.tenants}, api_of_raft, cfg.node_id)
     server = serve(service, cfg.api_address)

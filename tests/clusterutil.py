@@ -20,12 +20,14 @@ RAFT_PORT = 7120
 API_PORT = 7220
 
 
-def configure(data_dir: Path, **raft: Any) -> None:
-    """Write the layout of a 3-node cluster and override [raft] settings in every node.toml."""
+def configure(data_dir: Path, top: dict[str, Any] | None = None, **raft: Any) -> None:
+    """Write the layout of a 3-node cluster and override [raft] settings (and
+    top-level keys) in every node.toml."""
     layout = launcher.ensure_layout(data_dir, 3, RAFT_PORT, API_PORT)
     for node in layout.nodes:
         doc = tomllib.loads(node.config_path.read_text())
         doc.setdefault("raft", {}).update(raft)
+        doc.update(top or {})
         node.config_path.write_text(tomli_w.dumps(doc))
 
 

@@ -356,3 +356,42 @@ def test_power_loss_of_every_node_during_elections_never_elects_two_leaders_in_a
     leaders, bad = cu.election_safety(cluster_dir)
     print(f"\nleaders by term: {leaders}")
     assert not bad, bad
+
+
+def _spoof_vote_request(raft_address: str, claimed_peer: str, term: int) -> None:
+    """Speak pysyncobj's wire format as an outsider: claim to be a peer, ask for a vote."""
+    import pickle
+    import socket
+    import struct
+    import zlib
+
+    host, port = raft_address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=2) as s:
+        for msg in (claimed_peer, {"type": "request_vote", "term": term, "last_log_index": 10**9,
+                                   "last_log_term": term}):
+            data = zlib.compress(pickle.dumps(msg, 2), 3)
+            s.sendall(struct.pack("i", len(data)) + data)
+        time.sleep(0.5)
+
+
+def test_raft_secret_keeps_outsiders_from_speaking_raft(cluster_dir):
+    """Without raft_secret any host that reaches a Raft port can push a node's
+    term (and more); with it (the launcher's default), links are authenticated
+    and such a message is dropped with its connection."""
+    cu.configure(cluster_dir, top={"raft_secret": ""})  # the unauthenticated control
+    cu.up(cluster_dir)
+    victim = launcher.load_layout(cluster_dir).node("n1")
+    _spoof_vote_request(victim.raft_address, launcher.load_layout(cluster_dir).node("n2").raft_address, 1000)
+    term = next(n["term"] for n in launcher.status(cluster_dir) if n["id"] == "n1")
+    assert term >= 1000, "the unauthenticated control should have been disrupted"
+    launcher.down(cluster_dir)
+
+    cu.configure(cluster_dir, top={"raft_secret": "correct horse battery staple"})
+    cu.up(cluster_dir)
+    setup_store(cluster_dir)
+    _spoof_vote_request(victim.raft_address, launcher.load_layout(cluster_dir).node("n2").raft_address, 5000)
+    terms = [n["term"] for n in launcher.status(cluster_dir)]
+    assert max(terms) < 5000, f"a forged Raft message was accepted: terms {terms}"
+    with cu.client(cluster_dir) as c:
+        c.put(STORE, KS, b"still", b"works")
+        assert c.get(STORE, KS, b"still")[0] == b"works"
