@@ -92,9 +92,9 @@ class NodeConfig:
     tenants: tuple[Tenant, ...] = ()
     raft: RaftTiming = field(default_factory=RaftTiming)
     log_level: str = "INFO"
-    # Shared secret of the Raft group. When set, node-to-node Raft traffic is
-    # authenticated and encrypted (pysyncobj's Fernet links); a host without
-    # it cannot send Raft messages. Empty = unauthenticated links.
+    # Shared secret of the Raft group. When set, every node-to-node Raft
+    # message carries an HMAC-SHA256 tag (kv/raft.py); a host without the
+    # secret cannot send Raft messages. Empty = unauthenticated links.
     raft_secret: str = ""
 
     @property

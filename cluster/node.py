@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 from cluster import config as cfgmod
-from kv.raft import RaftNode
+from kv.raft import RaftNode, set_raft_secret
 from kv.server import KVService, serve
 from kv.state import KVState
 
@@ -51,11 +51,9 @@ def main(config_path: str) -> int:
     setup_logging(cfg.node_id, cfg.log_level)
     os.makedirs(cfg.data_dir, exist_ok=True)
     state = KVState(os.path.join(cfg.data_dir, "state"))
-    conf = raft_conf(cfg.raft)
-    if cfg.raft_secret:
-        conf["password"] = cfg.raft_secret  # authenticated, encrypted Raft links
+    set_raft_secret(cfg.raft_secret)  # HMAC-authenticated Raft links (kv/raft.py)
     raft = RaftNode(cfg.raft_address, [p.raft_address for p in cfg.peers], os.path.join(cfg.data_dir, "raft"),
-                    state, conf)
+                    state, raft_conf(cfg.raft))
     api_of_raft = {p.raft_address: p.api_address for p in cfg.all_peers()}
     service = KVService(raft, state, {t.token: t.name for t in cfg.tenants}, api_of_raft, cfg.node_id)
     server = serve(service, cfg.api_address)

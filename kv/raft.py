@@ -57,6 +57,8 @@ LevelDB. Neither side holds the database in memory.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import logging
 import os
@@ -123,7 +125,19 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 
 class _SafeWire:
-    """Stands in for the `pickle` and `zlib` modules inside pysyncobj.tcp_connection."""
+    """Stands in for the `pickle` and `zlib` modules inside pysyncobj.tcp_connection.
+
+    With a Raft secret set (`set_raft_secret`), every message also carries an
+    HMAC-SHA256 tag of its compressed bytes, checked before anything is
+    inflated or unpickled: a host without the secret cannot speak Raft to the
+    node. (pysyncobj's own `password` option does the same with Fernet, but
+    costs ~70 us per message round trip in Python and measured +1-2 ms on the
+    end-to-end p50 here; an HMAC is ~2 us.) Messages are not encrypted, and a
+    captured message could be replayed; Raft tolerates duplicated and stale
+    messages, and writes are deduplicated by request_id.
+    """
+
+    key: bytes | None = None
 
     @staticmethod
     def loads(data: bytes) -> Any:
@@ -133,17 +147,36 @@ class _SafeWire:
     def dumps(obj: Any, protocol: int | None = None) -> bytes:
         return pickle.dumps(obj, 2)
 
-    @staticmethod
-    def compress(data: bytes, level: int = -1) -> bytes:
-        return zlib.compress(data, level)
+    @classmethod
+    def compress(cls, data: bytes, level: int = -1) -> bytes:
+        out = zlib.compress(data, level)
+        if cls.key is not None:
+            out += hmac.new(cls.key, out, hashlib.sha256).digest()
+        return out
 
-    @staticmethod
-    def decompress(data: bytes) -> bytes:
+    @classmethod
+    def decompress(cls, data: bytes) -> bytes:
+        if cls.key is not None:
+            body, tag = data[:-_TAG_BYTES], data[-_TAG_BYTES:]
+            if len(data) < _TAG_BYTES or not hmac.compare_digest(
+                    tag, hmac.new(cls.key, body, hashlib.sha256).digest()):
+                log.warning("event=raft_message_refused reason=bad_hmac bytes=%d", len(data))
+                raise ValueError("Raft message without a valid HMAC")
+            data = body
         d = zlib.decompressobj()
         out = d.decompress(data, RAFT_MESSAGE_BYTES_MAX)
         if d.unconsumed_tail:
             raise ValueError("Raft message inflates past RAFT_MESSAGE_BYTES_MAX")
         return out
+
+
+_TAG_BYTES = 32
+
+
+def set_raft_secret(secret: str) -> None:
+    """Authenticate every Raft message of this process with `secret` (empty: none).
+    One secret per process: a node process belongs to one Raft group."""
+    _SafeWire.key = hashlib.sha256(b"floe raft link v1\0" + secret.encode()).digest() if secret else None
 
 
 _tcp_connection.pickle = _SafeWire  # type: ignore[assignment]

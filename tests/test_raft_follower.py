@@ -265,3 +265,24 @@ def test_safe_wire_round_trips_every_message_shape():
                 {"type": "next_node_idx", "next_node_idx": 7, "reset": False, "success": True},
                 "127.0.0.1:7100", ["status", "x"], None]:
         assert _SafeWire.loads(_SafeWire.decompress(_SafeWire.compress(_SafeWire.dumps(msg), 3))) == msg
+
+
+def test_raft_secret_tags_messages_and_refuses_untagged_or_forged_ones():
+    from kv.raft import _SafeWire, set_raft_secret
+
+    msg = {"type": "request_vote", "term": 3, "last_log_index": 1, "last_log_term": 0}
+    try:
+        set_raft_secret("s3cret")
+        wire = _SafeWire.compress(_SafeWire.dumps(msg), 3)
+        assert _SafeWire.loads(_SafeWire.decompress(wire)) == msg
+        set_raft_secret("other")
+        with pytest.raises(ValueError):
+            _SafeWire.decompress(wire)  # tagged with another group's secret
+        set_raft_secret("")
+        untagged = _SafeWire.compress(_SafeWire.dumps(msg), 3)
+        set_raft_secret("s3cret")
+        for bad in (untagged, wire[:-1] + bytes([wire[-1] ^ 1]), b"", b"x"):
+            with pytest.raises(ValueError):
+                _SafeWire.decompress(bad)
+    finally:
+        set_raft_secret("")
