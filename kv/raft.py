@@ -10,10 +10,12 @@ own small piece, without changing pysyncobj's code:
    buffered and made durable by `sync()`.
 
 2. The persistence barrier (PersistBarrierTransport). Every message pysyncobj
-   sends, except the leader's AppendEntries, is queued; the queue is released
-   by `barrier()`, which first calls `journal.sync()` — one fdatasync for the
-   whole batch of entries and messages. `barrier()` runs at the start of each
-   tick and again after the tick's work, before the poll. Raft §5.1 requires
+   sends is queued and released by `barrier()`, which runs at the start of
+   each tick and again after the tick's work, before the poll. It first sends
+   the leader's AppendEntries (consecutive ones to a follower merged into one,
+   `merge_append_entries`), then calls `journal.sync()` — one fdatasync for
+   the whole batch of entries — and only then releases every other message
+   (acknowledgements, votes, everything a follower says). Raft §5.1 requires
    that a server persists before it responds: a follower's acknowledgement of
    entry i leaves only after entry i is on its disk. The leader's own copy need
    not be durable before it is sent (Ongaro's thesis §10.2.1: the leader may
@@ -236,6 +238,41 @@ def conflict_only(log_entries: LogView,
     return out, prev_idx + 1
 
 
+# A merged AppendEntries carries at most this many bytes of commands, well under
+# RAFT_MESSAGE_BYTES_MAX and pysyncobj's own 64 KiB batching of catch-up sends.
+MERGED_ENTRIES_BYTES_MAX = 1024 * 1024
+
+
+def merge_append_entries(queue: Sequence[tuple[Any, dict[str, Any]]]) -> list[tuple[Any, dict[str, Any]]]:
+    """Merge consecutive AppendEntries to the same follower into one message.
+
+    In non-batch mode pysyncobj sends one AppendEntries per command, each
+    starting where the previous one ended (it advances nextIndex as it sends).
+    Two such messages of the same term, the second's prevLogIdx equal to the
+    first's last index, say exactly what one message with both entry lists and
+    the later commit index says; the follower then parses, handles and
+    acknowledges once instead of once per command. Anything else (snapshot
+    chunks, a message that restarts at another index) is left as it is.
+    """
+    out: list[tuple[Any, dict[str, Any]]] = []
+    last_for: dict[Any, int] = {}  # node -> position in out of its last message
+    for node, msg in queue:
+        pos = last_for.get(node)
+        prev = out[pos][1] if pos is not None else None
+        if (pos is not None and prev is not None and "prevLogIdx" in msg and "transmission" not in msg
+                and "prevLogIdx" in prev and "transmission" not in prev and prev["term"] == msg["term"]):
+            entries = prev.get("entries") or []
+            end = entries[-1][1] if entries else prev["prevLogIdx"]
+            size = sum(len(e[0]) for e in entries) + sum(len(e[0]) for e in msg.get("entries") or [])
+            if msg["prevLogIdx"] == end and size <= MERGED_ENTRIES_BYTES_MAX:
+                out[pos] = (node, dict(prev, entries=list(entries) + list(msg.get("entries") or []),
+                                       commit_index=msg["commit_index"]))
+                continue
+        last_for[node] = len(out)
+        out.append((node, msg))
+    return out
+
+
 # ---------------------------------------------------------------- transport with the barrier
 
 
@@ -245,6 +282,7 @@ class PersistBarrierTransport(TCPTransport):  # type: ignore[misc]
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
         self._journal: FloeJournal = syncObj.floe_journal
         self._queue: list[tuple[Any, Any]] = []
+        self._ae_queue: list[tuple[Any, Any]] = []
         self._ack_cap: int | None = None
         self.barriers = 0
         self.rewrites = 0
@@ -254,8 +292,10 @@ class PersistBarrierTransport(TCPTransport):  # type: ignore[misc]
     def send(self, node: Any, message: Any) -> bool:
         if message.get("type") == "append_entries":
             # Only a leader sends these; they do not depend on its own log
-            # being durable yet (see the module doc).
-            return bool(super().send(node, message))
+            # being durable yet (see the module doc), so they leave first at
+            # the next barrier, merged (merge_append_entries).
+            self._ae_queue.append((node, message))
+            return True
         if self._ack_cap is not None and message.get("type") == "next_node_idx" and message.get("success"):
             if message["next_node_idx"] > self._ack_cap:
                 message = dict(message, next_node_idx=self._ack_cap)
@@ -263,7 +303,12 @@ class PersistBarrierTransport(TCPTransport):  # type: ignore[misc]
         return True
 
     def barrier(self) -> None:
-        """Make the journal durable, then release every queued message."""
+        """Send the leader's AppendEntries, make the journal durable, then
+        release every other queued message."""
+        if self._ae_queue:
+            ae_queue, self._ae_queue = self._ae_queue, []
+            for node, message in merge_append_entries(ae_queue):
+                super().send(node, message)
         self._journal.sync()
         if not self._queue:
             return

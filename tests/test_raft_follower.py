@@ -286,3 +286,52 @@ def test_raft_secret_tags_messages_and_refuses_untagged_or_forged_ones():
                 _SafeWire.decompress(bad)
     finally:
         set_raft_secret("")
+
+
+def _ae(term: int, prev: int, idxs: list[int], commit: int, size: int = 1) -> dict:
+    return {"type": "append_entries", "term": term, "commit_index": commit, "prevLogIdx": prev,
+            "prevLogTerm": term, "entries": [(b"c" * size, i, term) for i in idxs]}
+
+
+def test_merge_append_entries_table():
+    from kv.raft import MERGED_ENTRIES_BYTES_MAX, merge_append_entries
+
+    a, b = TCPNode("127.0.0.1:9"), TCPNode("127.0.0.1:10")
+    # Consecutive messages to one follower become one, with the later commit index.
+    out = merge_append_entries([(a, _ae(2, 4, [5], 3)), (a, _ae(2, 5, [6], 4)), (a, _ae(2, 6, [7, 8], 5))])
+    assert len(out) == 1
+    assert [e[1] for e in out[0][1]["entries"]] == [5, 6, 7, 8]
+    assert (out[0][1]["prevLogIdx"], out[0][1]["commit_index"]) == (4, 5)
+    # Interleaved followers merge separately and keep their own order.
+    out = merge_append_entries([(a, _ae(2, 4, [5], 3)), (b, _ae(2, 1, [2], 3)), (a, _ae(2, 5, [6], 3)),
+                                (b, _ae(2, 2, [3], 3))])
+    assert [(n.address, [e[1] for e in m["entries"]]) for n, m in out] == [
+        ("127.0.0.1:9", [5, 6]), ("127.0.0.1:10", [2, 3])]
+    # A gap, a restart at another index, or a new term is never merged.
+    for second in (_ae(2, 6, [7], 3), _ae(2, 2, [3], 3), _ae(3, 5, [6], 3)):
+        assert len(merge_append_entries([(a, _ae(2, 4, [5], 3)), (a, second)])) == 2
+    # A heartbeat right after entries merges (it only moves the commit index).
+    out = merge_append_entries([(a, _ae(2, 4, [5], 3)), (a, _ae(2, 5, [], 5))])
+    assert len(out) == 1 and out[0][1]["commit_index"] == 5
+    # Snapshot chunks pass untouched.
+    snap = {"type": "append_entries", "term": 2, "commit_index": 3, "serialized": (b"x", True, False)}
+    assert merge_append_entries([(a, snap), (a, _ae(2, 4, [5], 3))]) == [(a, snap), (a, _ae(2, 4, [5], 3))]
+    # Merged messages stay bounded.
+    big = MERGED_ENTRIES_BYTES_MAX // 2 + 1
+    assert len(merge_append_entries([(a, _ae(2, 4, [5], 3, big)), (a, _ae(2, 5, [6], 3, big))])) == 2
+
+
+def test_a_merged_append_entries_is_what_the_follower_would_have_built_from_the_parts(tmp_path):
+    from kv.raft import merge_append_entries
+
+    node, transport = make_follower(tmp_path)
+    try:
+        log = leader_log([1] * 6)
+        leader = TCPNode("127.0.0.1:9")
+        parts = [(leader, append_entries(log, 1, p, 1, 1)) for p in range(1, 7)]
+        (merged,) = merge_append_entries(parts)
+        transport._onMessageReceived(leader, merged[1])
+        assert follower_log(node) == log
+        assert acks(transport) == [7]
+    finally:
+        node._destroy()
