@@ -48,7 +48,6 @@ import platform
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -242,16 +241,6 @@ def machine_facts(data_dir: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- (a), (b): a raftbench group
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 class _PortPicker:
     """Hands out GROUP_PORTS in turn, skipping ports something listens on."""
 
@@ -262,7 +251,7 @@ class _PortPicker:
         for _ in range(len(GROUP_PORTS)):
             port = GROUP_PORTS[self._next % len(GROUP_PORTS)]
             self._next += 1
-            if all(_port_free(h, port) for h in HOSTS):
+            if not any(floe_module("cluster.launcher").port_in_use(h, port) for h in HOSTS):
                 return port
         raise BenchError(f"no free port in {GROUP_PORTS.start}-{GROUP_PORTS.stop - 1} on {', '.join(HOSTS)}")
 

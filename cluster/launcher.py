@@ -439,7 +439,7 @@ def _locked(layout: Layout) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _port_in_use(host: str, port: int) -> bool:
+def port_in_use(host: str, port: int) -> bool:
     """True if something listens on host:port (so a node there would fail to bind).
 
     SO_REUSEADDR makes TIME_WAIT leftovers of a stopped node not count; on Linux
@@ -469,7 +469,7 @@ def _check_ports_free(nodes: Sequence[LocalNode]) -> None:
     """Fail before starting anything if a node's address is taken: better than a node log full of bind errors."""
     for node in nodes:
         for kind, port in (("raft", node.raft_port), ("api", node.api_port)):
-            if _port_in_use(node.host, port):
+            if port_in_use(node.host, port):
                 raise ClusterError(
                     f"cannot start {node.id}: its {kind} address {node.host}:{port} is already in use by another "
                     "process (another floe cluster? stop it with `floe cluster down --data-dir ITS_DIR`)"
