@@ -40,7 +40,8 @@ own small piece, without changing pysyncobj's code:
    acknowledgement pysyncobj sends back is capped the same way (so the
    follower never claims entries the leader did not send it). A real conflict
    still reaches pysyncobj's truncation path unchanged. The journal refuses to
-   truncate an applied entry (a bug stops the node rather than diverging).
+   truncate an applied entry: it raises, the tick fails loudly in the log, and
+   the entry stays (never a silent divergence).
 
 Applying commands: a replicated method `_kv_apply(command)` runs on every node
 in log order; the entry's index is `raftLastApplied + 1` while it runs
