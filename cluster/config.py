@@ -99,11 +99,11 @@ class NodeConfig:
 
     @property
     def raft_address(self) -> str:
-        return f"{self.host}:{self.raft_port}"
+        return self.self_peer().raft_address
 
     @property
     def api_address(self) -> str:
-        return f"{self.host}:{self.api_port}"
+        return self.self_peer().api_address
 
     def self_peer(self) -> Peer:
         return Peer(self.node_id, self.host, self.raft_port, self.api_port)

@@ -72,6 +72,7 @@ def main(config_path: str) -> int:
     # Stops the tick thread, which syncs and closes the journal on its way out;
     # only then is it safe to close the state it applies to.
     raft.destroy_synchronous()
+    log.info("event=raft_stats node=%s %s", cfg.node_id, " ".join(f"{k}={v}" for k, v in raft.stats().items()))
     state.close()
     log.info("event=node_stopped node=%s", cfg.node_id)
     return 0

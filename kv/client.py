@@ -20,7 +20,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -29,9 +29,7 @@ from kv.errors import (
     AlreadyExists,
     Indeterminate,
     InvalidArgument,
-    KVError,
     NotFound,
-    NotLeader,
     PermissionDenied,
     Unavailable,
 )
@@ -209,14 +207,3 @@ class KVClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def retry_forever(fn: Callable[[], Any], *, until_s: float) -> Any:
-    """Call fn until it does not raise a retryable KVError or until_s passes (test/setup helper)."""
-    deadline = time.monotonic() + until_s
-    while True:
-        try:
-            return fn()
-        except (Unavailable, NotLeader, Indeterminate) as e:
-            if time.monotonic() > deadline:
-                raise KVError(f"gave up after {until_s}s: {e}") from e
-            time.sleep(0.1)

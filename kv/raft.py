@@ -359,7 +359,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     """One member of the KV's Raft group, applying commands to a KVState."""
 
     def __init__(self, self_address: str, peer_addresses: Sequence[str], raft_dir: str, state: KVState,
-                 conf_kwargs: dict[str, Any], on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 conf_kwargs: dict[str, Any]) -> None:
         os.makedirs(raft_dir, exist_ok=True)
         self.floe_state = state
         self.floe_journal = FloeJournal(raft_dir, protected_index=lambda: state.applied_index)
@@ -367,7 +367,6 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self._snapshot_path = os.path.join(raft_dir, "snapshot")
         self._snap_thread: threading.Thread | None = None
         self._snap_result: str | None = None  # None running/idle, "ok", "failed"
-        self._on_event = on_event or (lambda name, fields: None)
         self._yield_gil = False
         self._address = self_address
         conf = SyncObjConf(
@@ -452,6 +451,10 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     def role(self) -> str:
         return ROLE_NAMES[self.getStatus()["state"]]
 
+    def is_leader(self) -> bool:
+        """Cheap check for the request path (getStatus() builds a dict of everything)."""
+        return bool(self._isLeader())
+
     def status(self) -> dict[str, Any]:
         s = self.getStatus()
         leader = s["leader"]
@@ -462,11 +465,18 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                 "connected": [n.address for n in self.otherNodes if self.isNodeConnected(n)],
                 "journal_syncs": self.floe_journal.syncs}
 
+    def stats(self) -> dict[str, int]:
+        """Counters of floe's additions, logged when the node stops: how often
+        the barrier released messages and how often an AppendEntries had to be
+        rewritten so that only a real conflict truncates."""
+        transport = self._SyncObj__transport
+        return {"journal_syncs": self.floe_journal.syncs, "barriers": transport.barriers,
+                "append_entries_rewritten": transport.rewrites}
+
     def _state_changed(self, old: int, new: int) -> None:
         term = self.raftCurrentTerm
         if new == 2:
             log.info("event=became_leader term=%d node=%s", term, self._address)
-        self._on_event("role", {"role": ROLE_NAMES[new], "term": term})
 
     # ---------------------------------------------------------------- snapshots
 

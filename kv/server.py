@@ -107,7 +107,7 @@ class KVService(kv_pb2_grpc.KVServicer):  # type: ignore[misc]
         return tenant
 
     def _require_leader(self) -> None:
-        if self._raft.role() != "leader":
+        if not self._raft.is_leader():
             leader = self._raft.status()["leader_raft"]
             api = self._api_of_raft.get(leader, "")
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"not the leader (leader: {api or 'unknown'})",
