@@ -1,0 +1,1 @@
+"""The object tier: immutable content-hashed blobs (DESIGN.md §4)."""
