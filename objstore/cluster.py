@@ -1,0 +1,539 @@
+"""The object tier across nodes: placement, quorum puts, verified reads,
+read repair, hinted handoff, the repair scanner, the scrubber and GC.
+
+One `BlobCluster` runs in every node, over a `Replica` per node (its own
+LocalStore and a RemoteReplica for each peer; tests use LocalStores only).
+
+Put. The blob's R replicas come from rendezvous hashing (placement.py). The
+coordinator sends the blob to all of them at once and returns when W have
+fsynced it. Replicas that have not acknowledged by then get a durable hint
+(hints.py) before put() returns, so the third copy is owed even if this node
+restarts; a late acknowledgement removes the hint, and the hint worker delivers
+the rest. Fewer than W acknowledgements: NotEnoughReplicas, nothing promised
+(copies that did land are unreferenced garbage for GC).
+
+Get. Local copy first when this node is a replica; otherwise the replicas in
+placement order, with a hedged second request when the first has not answered
+within `hedge_after_s`. The coordinator always reads the whole blob and checks
+its SHA-256 (the store checks its record checksum too); a replica that answered
+NotFound, Corrupt or wrong bytes gets the good copy written back (read repair).
+
+Background (each rate-limited, each counted in `counters()`):
+  hints     deliver owed copies; a target that fails is retried later.
+  repair    walk the local store; for each blob ask its other placed replicas
+            (batched Has) and copy it to any that lack it. After a node is
+            replaced by an empty one, the survivors refill it this way.
+  scrub     re-verify every local copy at rest; a corrupt copy is quarantined
+            by the store and replaced from a good replica.
+  gc        mark and sweep: the live set (every hash the provider names) is
+            taken FIRST, then each node's copies are listed; a copy is deleted
+            only when its hash is not live and the copy is older than the grace
+            period on its own node's clock (the delete is conditional on that
+            age, so a put or touch racing the sweep saves it). A blob
+            referenced after the mark was put after (grace - flush time) ago,
+            so it is young when swept. Runs on one node at a time (the caller
+            decides; the node runs its periodic GC only while Raft leader).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Protocol
+
+from objstore import placement
+from objstore.api import (
+    BLOB_BYTES_MAX,
+    HAS_BATCH_MAX,
+    BlobCorrupt,
+    BlobError,
+    BlobNotFound,
+    CopyInfo,
+    GcResult,
+    InvalidBlob,
+    LocateResult,
+    NotEnoughReplicas,
+    PutResult,
+    Replica,
+    ReplicaUnavailable,
+    ScrubResult,
+    blob_hash,
+    check_hash,
+    iter_all,
+)
+from objstore.hints import HintLog
+
+log = logging.getLogger("floe.objstore")
+
+
+class LiveSetProvider(Protocol):
+    """Names every blob something still references (volumes, snapshots, clones, pins)."""
+
+    def live_blobs(self) -> Iterable[bytes]: ...
+
+
+class RateLimiter:
+    """Token bucket: `take(n)` blocks until n units fit under `rate` per second."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else rate)
+        self._tokens = self.burst
+        self._t = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: float, stop: threading.Event | None = None) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+            self._t = now
+            self._tokens -= n
+            wait_s = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait_s > 0:
+            if stop is not None:
+                stop.wait(wait_s)
+            else:
+                time.sleep(wait_s)
+
+
+class BlobCluster:
+    def __init__(self, node_id: str, replicas: dict[str, Replica], hints: HintLog, *,
+                 r: int = 3, w: int = 2, hedge_after_s: float = 0.05,
+                 live_set: LiveSetProvider | None = None, gc_grace_s: float = 3600.0,
+                 peer_scrub: Callable[[str], ScrubResult] | None = None,
+                 repair_bytes_per_s: float = 64 << 20, scrub_bytes_per_s: float = 32 << 20,
+                 gc_deletes_per_s: float = 2000.0) -> None:
+        if not 1 <= w <= r:
+            raise ValueError(f"need 1 <= w <= r, got w={w} r={r}")
+        self.node_id = node_id
+        self.replicas = replicas
+        self.nodes = sorted(replicas)
+        self.local: Replica | None = replicas.get(node_id)
+        self.hints = hints
+        self.r, self.w = r, w
+        self.hedge_after_s = hedge_after_s
+        self.live_set = live_set
+        self.gc_grace_s = gc_grace_s
+        self.peer_scrub = peer_scrub
+        self.repair_limit = RateLimiter(repair_bytes_per_s, burst=max(repair_bytes_per_s, 4 << 20))
+        self.scrub_limit = RateLimiter(scrub_bytes_per_s, burst=max(scrub_bytes_per_s, 4 << 20))
+        self.gc_limit = RateLimiter(gc_deletes_per_s)
+        self._pool = ThreadPoolExecutor(max_workers=24, thread_name_prefix="blob-io")
+        self._repair_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="blob-repair")
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._counter_lock = threading.Lock()
+        self._repair_owed = 0
+        self._down_until: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._gc_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- helpers
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self._counters[name] += n
+
+    def counters(self) -> dict[str, int]:
+        with self._counter_lock:
+            out = dict(self._counters)
+        out["hints_pending"] = self.hints.count()
+        return out
+
+    def repair_backlog(self) -> int:
+        return self.hints.count() + self._repair_owed
+
+    def placement(self, h: bytes) -> list[str]:
+        return placement.replicas(h, self.nodes, self.r)
+
+    def _mark_down(self, node: str, seconds: float = 2.0) -> None:
+        self._down_until[node] = time.monotonic() + seconds
+
+    def _is_down(self, node: str) -> bool:
+        return self._down_until.get(node, 0.0) > time.monotonic()
+
+    # ---------------------------------------------------------------- put
+
+    def put(self, data: bytes, h: bytes) -> PutResult:
+        check_hash(h)
+        if len(data) > BLOB_BYTES_MAX:
+            raise InvalidBlob(f"blob of {len(data)} bytes exceeds the limit of {BLOB_BYTES_MAX}")
+        if blob_hash(data) != h:
+            raise InvalidBlob("data does not match its SHA-256")
+        targets = self.placement(h)
+        need = min(self.w, len(targets))
+        futs: dict[Future[bool], str] = {self._pool.submit(self.replicas[t].put, data, h): t for t in targets}
+        stored: list[str] = []
+        errors: dict[str, str] = {}
+        existed = False
+        pending_futs = set(futs)
+        while pending_futs and len(stored) < need:
+            done, pending_futs = wait(pending_futs, return_when=FIRST_COMPLETED)
+            for f in done:
+                node = futs[f]
+                try:
+                    existed = f.result() or existed
+                    stored.append(node)
+                except Exception as e:  # noqa: BLE001 - any replica failure counts against W
+                    errors[node] = f"{type(e).__name__}: {e}"
+                    if isinstance(e, ReplicaUnavailable):
+                        self._mark_down(node)
+        if len(stored) < need:
+            self.count("put_failed")
+            detail = "; ".join(f"{n}: {m}" for n, m in sorted(errors.items()))
+            raise NotEnoughReplicas(f"blob stored on {len(stored)} of {len(targets)} replicas, need {need} ({detail})")
+        owed = [futs[f] for f in pending_futs] + [n for n in errors]
+        if owed:
+            # Durable before we acknowledge: the copies still owed survive a restart.
+            self.hints.add(h, owed)
+            self.count("hints_written", len(owed))
+            for f in pending_futs:
+                f.add_done_callback(functools.partial(self._late_ack, h=h, node=futs[f]))
+        self.count("puts")
+        return PutResult(hash=h, stored_on=stored, pending=owed, existed=existed)
+
+    def _late_ack(self, fut: Future[bool], *, h: bytes, node: str) -> None:
+        if fut.exception() is None:
+            self.hints.remove(h, node)
+        elif isinstance(fut.exception(), ReplicaUnavailable):
+            self._mark_down(node)
+
+    # ---------------------------------------------------------------- get
+
+    def _read_candidates(self, h: bytes) -> list[str]:
+        placed = self.placement(h)
+        order = [n for n in placed if n == self.node_id] + [n for n in placed if n != self.node_id]
+        up = [n for n in order if not self._is_down(n)] + [n for n in order if self._is_down(n)]
+        return up + [n for n in self.nodes if n not in placed]
+
+    def _fetch(self, node: str, h: bytes) -> bytes:
+        data = self.replicas[node].get(h)
+        if blob_hash(data) != h:
+            # The store's record checksum held but the content is wrong: have
+            # the replica verify (and quarantine) its copy, then treat as corrupt.
+            try:
+                self.replicas[node].verify(h)
+            except BlobError:
+                pass
+            raise BlobCorrupt(f"copy on {node} does not match its SHA-256")
+        return data
+
+    def fetch_verified(self, h: bytes, exclude: Iterable[str] = ()) -> tuple[bytes, str]:
+        """The whole blob from the best replica (hedged), repairing bad copies met on the way."""
+        check_hash(h)
+        candidates = [n for n in self._read_candidates(h) if n not in set(exclude)]
+        bad: list[str] = []
+        errors: dict[str, str] = {}
+        futs: dict[Future[bytes], str] = {}
+        it = iter(candidates)
+        result: tuple[bytes, str] | None = None
+
+        def launch() -> bool:
+            for node in it:
+                futs[self._pool.submit(self._fetch, node, h)] = node
+                return True
+            return False
+
+        launch()
+        pending = set(futs)
+        while pending and result is None:
+            done, pending = wait(pending, timeout=self.hedge_after_s, return_when=FIRST_COMPLETED)
+            if not done:
+                if launch():  # the hedge: ask the next replica too
+                    self.count("hedged_reads")
+                    pending = {f for f in futs if not f.done()}
+                continue
+            for f in done:
+                node = futs[f]
+                try:
+                    data = f.result()
+                except (BlobNotFound, BlobCorrupt) as e:
+                    bad.append(node)
+                    errors[node] = f"{type(e).__name__}: {e}"
+                    if isinstance(e, BlobCorrupt):
+                        self.count("corrupt_found")
+                except Exception as e:  # noqa: BLE001 - unreachable replica: try the next
+                    errors[node] = f"{type(e).__name__}: {e}"
+                    if isinstance(e, ReplicaUnavailable):
+                        self._mark_down(node)
+                else:
+                    if result is None:
+                        result = (data, node)
+            if result is None and not pending:
+                if launch():
+                    pending = {f for f in futs if not f.done()}
+        if result is None:
+            detail = "; ".join(f"{n}: {m}" for n, m in sorted(errors.items())) or "no replicas"
+            raise BlobNotFound(f"no good copy of {h.hex()} ({detail})")
+        data, served_by = result
+        placed = set(self.placement(h))
+        for node in bad:
+            if node in placed:
+                self._repair_pool.submit(self._repair_copy, node, data, h, "read_repairs")
+        return data, served_by
+
+    def _repair_copy(self, node: str, data: bytes, h: bytes, counter: str) -> bool:
+        try:
+            self.replicas[node].put(data, h)
+        except Exception as e:  # noqa: BLE001 - repair is retried by the repair scanner
+            log.warning("event=repair_copy_failed node=%s hash=%s error=%s", node, h.hex(), e)
+            return False
+        self.count(counter)
+        log.info("event=%s node=%s hash=%s", counter.rstrip("s"), node, h.hex())
+        return True
+
+    def get(self, h: bytes, offset: int = 0, length: int = 0) -> tuple[bytes, int, str]:
+        data, served_by = self.fetch_verified(h)
+        size = len(data)
+        if offset > size or (length and offset + length > size):
+            raise InvalidBlob(f"range {offset}+{length} is beyond the blob's {size} bytes")
+        self.count("gets")
+        end = offset + length if length else size
+        return (data if offset == 0 and end == size else data[offset:end]), size, served_by
+
+    # ---------------------------------------------------------------- locate
+
+    def locate(self, h: bytes) -> LocateResult:
+        check_hash(h)
+        placed = set(self.placement(h))
+        futs = {n: self._pool.submit(self.replicas[n].verify, h) for n in self.nodes}
+        copies: list[CopyInfo] = []
+        size = 0
+        for n in self.nodes:
+            try:
+                v = futs[n].result()
+            except Exception as e:  # noqa: BLE001 - reported per copy
+                copies.append(CopyInfo(node=n, placed=n in placed, present=False, verified=False,
+                                       error=f"{type(e).__name__}: {e}"))
+                continue
+            if v.info is not None:
+                size = size or v.info.size
+            copies.append(CopyInfo(node=n, placed=n in placed, present=v.present, verified=v.verified,
+                                   stored_size=v.info.stored_size if v.info else 0,
+                                   compression=v.info.compression if v.info else "", error=v.error))
+        if not any(c.present for c in copies):
+            raise BlobNotFound(f"no node holds {h.hex()}")
+        return LocateResult(hash=h, size=size, copies=copies)
+
+    # ---------------------------------------------------------------- scrub
+
+    def scrub(self, all_nodes: bool = False) -> ScrubResult:
+        res = self._scrub_local()
+        if all_nodes and self.peer_scrub is not None:
+            for n in self.nodes:
+                if n == self.node_id:
+                    continue
+                try:
+                    p = self.peer_scrub(n)
+                except Exception as e:  # noqa: BLE001 - a down node is reported, not fatal
+                    log.warning("event=scrub_peer_failed node=%s error=%s", n, e)
+                    continue
+                res = ScrubResult(res.checked + p.checked, res.corrupt + p.corrupt,
+                                  res.repaired + p.repaired, res.unrepaired + p.unrepaired)
+        return res
+
+    def _scrub_local(self) -> ScrubResult:
+        if self.local is None:
+            return ScrubResult()
+        checked = corrupt = repaired = unrepaired = 0
+        for info in iter_all(self.local):
+            if self._stop.is_set():
+                break
+            self.scrub_limit.take(max(info.stored_size, 1), self._stop)
+            v = self.local.verify(info.hash)
+            checked += 1
+            self.count("scrubbed")
+            if not v.present or v.verified:
+                continue
+            corrupt += 1
+            self.count("scrub_corrupt")
+            log.warning("event=scrub_corrupt node=%s hash=%s error=%s", self.node_id, info.hash.hex(), v.error)
+            try:
+                data, src = self.fetch_verified(info.hash, exclude=[self.node_id])
+            except BlobError as e:
+                unrepaired += 1
+                log.error("event=scrub_unrepairable node=%s hash=%s error=%s", self.node_id, info.hash.hex(), e)
+                continue
+            if self._repair_copy(self.node_id, data, info.hash, "scrub_repaired"):
+                repaired += 1
+                log.info("event=scrub_repaired hash=%s from=%s", info.hash.hex(), src)
+            else:
+                unrepaired += 1
+        return ScrubResult(checked, corrupt, repaired, unrepaired)
+
+    # ---------------------------------------------------------------- hints and repair
+
+    def deliver_hints(self, limit: int = 256) -> int:
+        """Deliver owed copies; returns how many were delivered."""
+        delivered = 0
+        for target, h, _created in self.hints.pending(limit):
+            if self._stop.is_set():
+                break
+            if target not in self.replicas:
+                self.hints.remove(h, target)  # no longer a member
+                continue
+            if self._is_down(target):
+                continue
+            try:
+                if self.replicas[target].has([h])[0]:
+                    self.hints.remove(h, target)
+                    delivered += 1
+                    continue
+                data, _src = self.fetch_verified(h, exclude=[target])
+            except BlobNotFound:
+                log.error("event=hint_dropped target=%s hash=%s reason=no_copy_anywhere", target, h.hex())
+                self.hints.remove(h, target)
+                continue
+            except BlobError:
+                self._mark_down(target)
+                continue
+            self.repair_limit.take(len(data), self._stop)
+            if self._repair_copy(target, data, h, "hints_delivered"):
+                self.hints.remove(h, target)
+                delivered += 1
+            else:
+                self._mark_down(target)
+        return delivered
+
+    def repair_pass(self) -> int:
+        """One walk of the local store: copy each blob to placed replicas that
+        lack it. Returns copies made."""
+        if self.local is None:
+            return 0
+        copied = 0
+        owed_seen = 0
+        page: list[bytes] = []
+
+        def flush_page() -> None:
+            nonlocal copied, owed_seen
+            by_target: dict[str, list[bytes]] = collections.defaultdict(list)
+            for h in page:
+                for t in self.placement(h):
+                    if t != self.node_id:
+                        by_target[t].append(h)
+            for t, hashes in by_target.items():
+                if self._stop.is_set():
+                    return
+                try:
+                    present = self.replicas[t].has(hashes)
+                except BlobError:
+                    self._mark_down(t)
+                    continue
+                missing = [h for h, p in zip(hashes, present, strict=True) if not p]
+                owed_seen += len(missing)
+                self._repair_owed = max(self._repair_owed, owed_seen - copied)
+                for h in missing:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        data = self.local.get(h) if self.local is not None else b""
+                    except BlobError:
+                        continue  # deleted or corrupt here; the scrubber handles it
+                    self.repair_limit.take(len(data), self._stop)
+                    if self._repair_copy(t, data, h, "repair_copied"):
+                        copied += 1
+                    else:
+                        self._mark_down(t)
+                        break
+
+        for info in iter_all(self.local):
+            if self._stop.is_set():
+                break
+            page.append(info.hash)
+            self.count("repair_checked")
+            if len(page) >= min(HAS_BATCH_MAX, 512):
+                flush_page()
+                page = []
+        if page:
+            flush_page()
+        self._repair_owed = max(0, owed_seen - copied)
+        return copied
+
+    # ---------------------------------------------------------------- gc
+
+    def gc(self, dry_run: bool = False, grace_s: float | None = None) -> GcResult:
+        if self.live_set is None:
+            raise BlobError("no live-set provider is configured on this node; GC refuses to guess")
+        grace = self.gc_grace_s if grace_s is None or grace_s <= 0 else grace_s
+        with self._gc_lock:
+            live = set(self.live_set.live_blobs())  # mark first, then sweep (module doc)
+            examined = young = deleted = deleted_bytes = 0
+            unreachable: list[str] = []
+            for node in self.nodes:
+                rep = self.replicas[node]
+                try:
+                    for info in iter_all(rep):
+                        examined += 1
+                        if info.hash in live:
+                            continue
+                        if info.age_s <= grace:
+                            young += 1
+                            continue
+                        if dry_run:
+                            deleted += 1
+                            deleted_bytes += info.stored_size
+                            continue
+                        self.gc_limit.take(1, self._stop)
+                        if rep.delete(info.hash, min_age_s=grace):
+                            deleted += 1
+                            deleted_bytes += info.stored_size
+                            self.count("gc_deleted")
+                        else:
+                            young += 1
+                except BlobError as e:
+                    log.warning("event=gc_node_unreachable node=%s error=%s", node, e)
+                    unreachable.append(node)
+            self.count("gc_runs")
+            log.info("event=gc_done dry_run=%s live=%d examined=%d young=%d deleted=%d bytes=%d unreachable=%s",
+                     dry_run, len(live), examined, young, deleted, deleted_bytes, ",".join(unreachable))
+            return GcResult(live=len(live), examined=examined, young=young, deleted=deleted,
+                            deleted_bytes=deleted_bytes, unreachable=unreachable)
+
+    # ---------------------------------------------------------------- background loops
+
+    def start(self, *, hint_interval_s: float = 1.0, repair_interval_s: float = 60.0,
+              scrub_interval_s: float = 86400.0, gc_interval_s: float = 0.0,
+              gc_allowed: Callable[[], bool] = lambda: False,
+              compact_interval_s: float = 0.0, compact_dead_fraction: float = 0.5) -> None:
+        """Run the background workers (interval 0 = that worker off)."""
+        def loop(name: str, interval: float, fn: Callable[[], object]) -> None:
+            while not self._stop.wait(interval):
+                try:
+                    fn()
+                except Exception:
+                    log.exception("event=background_failed worker=%s", name)
+
+        def gc_if_allowed() -> None:
+            if gc_allowed() and self.live_set is not None:
+                self.gc()
+
+        def compact() -> None:
+            compact_fn = getattr(self.local, "compact", None)
+            if compact_fn is not None:
+                n = compact_fn(compact_dead_fraction)
+                if n:
+                    self.count("packs_compacted", n)
+
+        for name, interval, fn in (("hints", hint_interval_s, self.deliver_hints),
+                                   ("compact", compact_interval_s, compact),
+                                   ("repair", repair_interval_s, self.repair_pass),
+                                   ("scrub", scrub_interval_s, lambda: self.scrub(all_nodes=False)),
+                                   ("gc", gc_interval_s, gc_if_allowed)):
+            if interval > 0:
+                t = threading.Thread(target=loop, args=(name, interval, fn), name=f"blob-{name}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._repair_pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,268 @@
+"""The object tier's cluster logic (objstore/cluster.py) over in-memory replicas."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from objstore.api import BlobNotFound, NotEnoughReplicas, blob_hash
+from objstore.cluster import BlobCluster
+from objstore.hints import HintLog
+from tests.blobutil import MemReplica
+
+NODES = ["n1", "n2", "n3"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Pins:
+    def __init__(self) -> None:
+        self.live: set[bytes] = set()
+
+    def live_blobs(self) -> set[bytes]:
+        return set(self.live)
+
+
+def make(tmp: str, clock: Clock | None = None, **kw: object) -> tuple[BlobCluster, dict[str, MemReplica]]:
+    reps = {n: MemReplica(n, clock or time.time) for n in NODES}
+    c = BlobCluster("n1", dict(reps), HintLog(os.path.join(tmp, "hints")), **kw)  # type: ignore[arg-type]
+    return c, reps
+
+
+def wait_for(pred, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+def test_put_reaches_all_three_and_get_verifies(tmp_path):
+    c, reps = make(str(tmp_path))
+    data = os.urandom(5000)
+    h = blob_hash(data)
+    res = c.put(data, h)
+    assert len(res.stored_on) >= 2
+    wait_for(lambda: all(h in r.blobs for r in reps.values()))
+    wait_for(lambda: c.hints.count() == 0)
+    assert c.get(h) == (data, 5000, "n1")  # local copy first
+    assert c.get(h, 10, 20)[0] == data[10:30]
+    c.stop()
+
+
+def test_put_with_one_replica_down_succeeds_and_hint_completes_it(tmp_path):
+    c, reps = make(str(tmp_path))
+    reps["n3"].down = True
+    data = b"x" * 1000
+    h = blob_hash(data)
+    res = c.put(data, h)
+    assert sorted(res.stored_on) == ["n1", "n2"] and res.pending == ["n3"]
+    assert c.hints.count() == 1 and c.repair_backlog() == 1
+    assert c.deliver_hints() == 0  # still down
+    reps["n3"].down = False
+    c._down_until.clear()
+    assert c.deliver_hints() == 1
+    assert h in reps["n3"].blobs and c.hints.count() == 0
+    c.stop()
+
+
+def test_hints_survive_a_restart_of_the_writer(tmp_path):
+    c, reps = make(str(tmp_path))
+    reps["n2"].down = True
+    data = b"hinted"
+    c.put(data, blob_hash(data))
+    c.stop()
+    c.hints.close()
+    reps["n2"].down = False
+    c2 = BlobCluster("n1", dict(reps), HintLog(os.path.join(tmp_path, "hints")))  # type: ignore[arg-type]
+    assert c2.hints.count() == 1
+    assert c2.deliver_hints() == 1
+    assert blob_hash(data) in reps["n2"].blobs
+    c2.stop()
+
+
+def test_put_fails_without_a_write_quorum(tmp_path):
+    c, reps = make(str(tmp_path))
+    reps["n2"].down = reps["n3"].down = True
+    with pytest.raises(NotEnoughReplicas):
+        c.put(b"nope", blob_hash(b"nope"))
+    assert c.hints.count() == 0
+    c.stop()
+
+
+def test_slow_replica_does_not_hold_up_the_put_and_its_late_ack_clears_the_hint(tmp_path):
+    c, reps = make(str(tmp_path))
+    reps["n3"].delay_s = 0.3
+    data = b"slow" * 100
+    h = blob_hash(data)
+    res = c.put(data, h)
+    assert sorted(res.stored_on) == ["n1", "n2"]
+    wait_for(lambda: h in reps["n3"].blobs and c.hints.count() == 0)
+    c.stop()
+
+
+def test_corrupt_copy_is_detected_served_from_another_and_repaired(tmp_path):
+    c, reps = make(str(tmp_path))
+    data = os.urandom(3000)
+    h = blob_hash(data)
+    c.put(data, h)
+    wait_for(lambda: all(h in r.blobs for r in reps.values()))
+    reps["n1"].corrupt(h)
+    got, size, served_by = c.get(h)
+    assert got == data and served_by != "n1"
+    wait_for(lambda: h in reps["n1"].blobs and blob_hash(reps["n1"].blobs[h][0]) == h)
+    assert c.counters()["read_repairs"] >= 1 and c.counters()["corrupt_found"] >= 1
+    c.stop()
+
+
+def test_missing_copy_is_read_repaired(tmp_path):
+    c, reps = make(str(tmp_path))
+    data = b"m" * 333
+    h = blob_hash(data)
+    c.put(data, h)
+    wait_for(lambda: all(h in r.blobs for r in reps.values()))
+    del reps["n1"].blobs[h]
+    assert c.get(h)[0] == data
+    wait_for(lambda: h in reps["n1"].blobs)
+    c.stop()
+
+
+def test_slow_first_replica_is_hedged(tmp_path):
+    reps = {n: MemReplica(n) for n in NODES}
+    c = BlobCluster("client", dict(reps), HintLog(os.path.join(tmp_path, "hints")),  # type: ignore[arg-type]
+                    hedge_after_s=0.02)
+    data = b"hedge" * 50
+    h = blob_hash(data)
+    c.put(data, h)
+    wait_for(lambda: all(h in r.blobs for r in reps.values()))
+    first = c.placement(h)[0]
+    reps[first].delay_s = 1.0
+    t = time.monotonic()
+    got, _, served_by = c.get(h)
+    assert got == data and served_by != first
+    assert time.monotonic() - t < 0.9
+    assert c.counters()["hedged_reads"] >= 1
+    c.stop()
+
+
+def test_not_found_anywhere(tmp_path):
+    c, _ = make(str(tmp_path))
+    with pytest.raises(BlobNotFound):
+        c.get(blob_hash(b"never"))
+    c.stop()
+
+
+def test_replaced_node_is_refilled_by_repair(tmp_path):
+    c, reps = make(str(tmp_path))
+    hashes = []
+    for i in range(200):
+        d = os.urandom(100) + bytes([i])
+        hashes.append(blob_hash(d))
+        c.put(d, hashes[-1])
+    wait_for(lambda: all(len(r.blobs) == 200 for r in reps.values()))
+    # n2 is lost for good and replaced by an empty node with the same id.
+    reps["n2"] = MemReplica("n2")
+    c.replicas["n2"] = reps["n2"]
+    assert c.repair_pass() == 200
+    assert all(h in reps["n2"].blobs for h in hashes)
+    assert c.repair_pass() == 0 and c.repair_backlog() == 0
+    c.stop()
+
+
+def test_scrub_finds_and_repairs_cold_corruption(tmp_path):
+    c, reps = make(str(tmp_path))
+    blobs = [os.urandom(500) for _ in range(20)]
+    for d in blobs:
+        c.put(d, blob_hash(d))
+    wait_for(lambda: all(len(r.blobs) == 20 for r in reps.values()))
+    bad = [blob_hash(blobs[3]), blob_hash(blobs[7])]
+    for h in bad:
+        reps["n1"].corrupt(h)
+    res = c.scrub()
+    assert (res.checked, res.corrupt, res.repaired, res.unrepaired) == (20, 2, 2, 0)
+    assert all(blob_hash(reps["n1"].blobs[h][0]) == h for h in bad)
+    assert c.scrub().corrupt == 0
+    c.stop()
+
+
+def test_gc_refuses_without_a_live_set_provider(tmp_path):
+    c, _ = make(str(tmp_path))
+    with pytest.raises(Exception, match="live-set"):
+        c.gc()
+    c.stop()
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(0, 7)),
+    st.tuples(st.just("ref"), st.integers(0, 7)),
+    st.tuples(st.just("unref"), st.integers(0, 7)),
+    st.tuples(st.just("tick"), st.sampled_from([1.0, 30.0, 61.0, 200.0])),
+    st.tuples(st.just("gc"), st.booleans()),
+), max_size=40)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops)
+def test_gc_never_deletes_live_or_young_and_deletes_old_garbage(seq):
+    grace = 60.0
+    clock = Clock()
+    pins = Pins()
+    with tempfile.TemporaryDirectory() as tmp:
+        c, reps = make(tmp, clock, live_set=pins, gc_grace_s=grace)
+        data = {i: f"blob-{i}".encode() * 10 for i in range(8)}
+        last_put: dict[int, float] = {}
+        try:
+            for op, arg in seq:
+                if op == "put":
+                    c.put(data[arg], blob_hash(data[arg]))
+                    last_put[arg] = clock.t
+                elif op == "ref" and arg in last_put:
+                    pins.live.add(blob_hash(data[arg]))  # only what exists can be referenced
+                elif op == "unref":
+                    pins.live.discard(blob_hash(data[arg]))
+                elif op == "tick":
+                    clock.t += arg
+                elif op == "gc":
+                    live = set(pins.live)
+                    res = c.gc(dry_run=arg)
+                    for i, t in last_put.items():
+                        h = blob_hash(data[i])
+                        copies = sum(h in r.blobs for r in reps.values())
+                        if h in live or clock.t - t <= grace:
+                            assert copies == 3, (i, "live or young blob lost a copy")
+                        elif not arg:
+                            assert copies == 0, (i, "old unreferenced blob survived GC")
+                    if arg:
+                        assert res.deleted == sum(
+                            3 for i, t in last_put.items()
+                            if blob_hash(data[i]) not in live and clock.t - t > grace
+                            and blob_hash(data[i]) in reps["n1"].blobs)
+                    else:
+                        for i in [i for i, t in last_put.items()
+                                  if blob_hash(data[i]) not in live and clock.t - t > grace]:
+                            del last_put[i]
+        finally:
+            c.stop()
+            c.hints.close()
+
+
+def test_background_compaction_runs_on_the_local_store(tmp_path):
+    c, reps = make(str(tmp_path))
+    calls: list[float] = []
+    reps["n1"].compact = lambda fraction: calls.append(fraction) or 1  # type: ignore[attr-defined]
+    c.start(hint_interval_s=0, repair_interval_s=0, scrub_interval_s=0, compact_interval_s=0.05,
+            compact_dead_fraction=0.4)
+    wait_for(lambda: len(calls) >= 2)
+    c.stop()
+    assert calls[0] == 0.4 and c.counters()["packs_compacted"] >= 2
