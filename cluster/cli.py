@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TextIO, cast
 
-from cluster import launcher
+from cluster import blobcli, launcher
 from cluster.config import ConfigError
 from kv.errors import KVError
 from kv.limits import SCAN_LIMIT_MAX
@@ -169,6 +169,12 @@ def _cmd_bench_kv(args: argparse.Namespace) -> int:
     return 0 if rc is None else int(rc)
 
 
+def _cmd_bench_blob(args: argparse.Namespace) -> int:
+    bench = _import_optional("bench.blob", "the blob benchmark")
+    rc = bench.main(args)
+    return 0 if rc is None else int(rc)
+
+
 # ---------------------------------------------------------------- cluster
 
 
@@ -221,12 +227,23 @@ def _cmd_cluster_down(args: argparse.Namespace) -> int:
 
 def _cmd_cluster_status(args: argparse.Namespace) -> int:
     rows = launcher.status(args.data_dir)
+    blob_stats = blobcli.node_blob_stats(args.data_dir)
+    for r in rows:
+        st = blob_stats.get(r["id"])
+        r["blobs"] = None if st is None else {k: st.get(k) for k in ("blobs", "bytes", "stored_bytes",
+                                                                     "repair_backlog")}
     if args.json:
-        _print_json({"nodes": [{k: r[k] for k in launcher.STATUS_KEYS} for r in rows]})
+        _print_json({"nodes": [{k: r[k] for k in (*launcher.STATUS_KEYS, "blobs")} for r in rows]})
         return 0
-    print(_table(["ID", "ROLE", "PID", "API", "RAFT", "TERM", "COMMIT", "APPLIED", "HEALTHY"],
+
+    def blob_cell(r: dict[str, Any], key: str) -> Any:
+        return "-" if r["blobs"] is None else r["blobs"][key]
+
+    print(_table(["ID", "ROLE", "PID", "API", "RAFT", "TERM", "COMMIT", "APPLIED", "HEALTHY", "BLOBS", "BYTES",
+                  "REPAIR BACKLOG"],
                  [[r["id"], r["role"], r["pid"], r["address"], r["raft_address"], r["term"], r["commit_index"],
-                   r["applied_index"], "yes" if r["healthy"] else "no"] for r in rows]))
+                   r["applied_index"], "yes" if r["healthy"] else "no", blob_cell(r, "blobs"),
+                   blob_cell(r, "bytes"), blob_cell(r, "repair_backlog")] for r in rows]))
     leaders = [r["id"] for r in rows if r["role"] == "leader"]
     healthy = sum(1 for r in rows if r["healthy"])
     print(f"\n{healthy} of {len(rows)} nodes healthy; leader: {', '.join(leaders) or 'none'}")
@@ -501,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tries across nodes before giving up (default 60; the --timeout deadline bounds the call)")
         p.set_defaults(func=_cmd_kv, kv_handler=handler)
 
+    blobcli.add_parser(top, _server_arg, _positive_float, DEFAULT_DATA_DIR)
+
     bench = top.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WORKLOAD")
     p = bench_sub.add_parser("kv", help="KV throughput and latency (bench/kv.py)")
@@ -513,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true",
                    help="only the in-process rows (bare pysyncobj vs floe's Raft layer), for a grid of timings")
     p.set_defaults(func=_cmd_bench_kv)
+    p = bench_sub.add_parser("blob", help="object tier put/get throughput vs the disk's floor (bench/blob.py)")
+    p.add_argument("--data-dir", default=".floe-bench-blob", metavar="DIR",
+                   help="the benchmark cluster's directory (default .floe-bench-blob; wiped first)")
+    p.add_argument("--seconds", type=_positive_float, default=8.0, help="length of each phase (default 8)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_bench_blob)
     return parser
 
 
@@ -538,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(e), 2)
     except KVError as e:
         return _error(_one_line(e), 1)
-    except (CLIError, launcher.ClusterError, ConfigError) as e:
+    except (CLIError, launcher.ClusterError, ConfigError, blobcli.BlobCLIError, PermissionError) as e:
         return _error(str(e), 1)
     except KeyboardInterrupt:
         return 130
@@ -550,6 +575,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as e:
         return _error(str(e) if not e.filename else f"{e.strerror}: {Path(e.filename)}", 1)
+    except Exception as e:
+        # The object tier's errors (objstore.api.BlobError), without importing it here.
+        if any(c.__name__ == "BlobError" for c in type(e).__mro__):
+            return _error(f"{type(e).__name__}: {_one_line(e)}", 1)
+        raise
 
 
 if __name__ == "__main__":

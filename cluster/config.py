@@ -34,6 +34,9 @@ from typing import Any
 
 import tomli_w
 
+# A node's blob service listens on api_port + this unless blob_port is set.
+BLOB_PORT_OFFSET = 500
+
 
 @dataclass(frozen=True, slots=True)
 class Peer:
@@ -41,10 +44,15 @@ class Peer:
     host: str
     raft_port: int
     api_port: int
+    blob_port: int = 0  # 0 = api_port + BLOB_PORT_OFFSET
 
     @property
     def raft_address(self) -> str:
         return f"{self.host}:{self.raft_port}"
+
+    @property
+    def blob_address(self) -> str:
+        return f"{self.host}:{self.blob_port or self.api_port + BLOB_PORT_OFFSET}"
 
     @property
     def api_address(self) -> str:
@@ -82,6 +90,36 @@ class RaftTiming:
 
 
 @dataclass(frozen=True, slots=True)
+class BlobSettings:
+    """The object tier (objstore/). Intervals of 0 turn a background worker off.
+
+    r / w: copies per blob, and how many must be fsynced before a put returns.
+    hedge_after_s: a read asks a second replica when the first is this slow.
+    hint_interval_s: how often owed copies (hints) are delivered.
+    repair_interval_s: how often the local store is walked to restore R copies.
+    scrub_interval_s: how often every local copy is re-verified at rest.
+    gc_interval_s / gc_grace_s: mark-and-sweep GC period (run by the Raft
+    leader) and the age under which an unreferenced blob is never deleted.
+    *_bytes_per_s: rate limits of repair copying and scrub reading.
+    compact_interval_s / compact_dead_fraction: how often packs are checked,
+    and the dead fraction past which one is rewritten.
+    """
+
+    r: int = 3
+    w: int = 2
+    hedge_after_s: float = 0.05
+    hint_interval_s: float = 1.0
+    repair_interval_s: float = 60.0
+    scrub_interval_s: float = 86_400.0
+    gc_interval_s: float = 3_600.0
+    gc_grace_s: float = 3_600.0
+    repair_bytes_per_s: int = 64 << 20
+    scrub_bytes_per_s: int = 32 << 20
+    compact_interval_s: float = 600.0
+    compact_dead_fraction: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     node_id: str
     data_dir: str
@@ -96,17 +134,27 @@ class NodeConfig:
     # message carries an HMAC-SHA256 tag (kv/raft.py); a host without the
     # secret cannot send Raft messages. Empty = unauthenticated links.
     raft_secret: str = ""
+    # The cluster's own credential: node-to-node blob calls and operators'
+    # `floe blob` commands present it; it is also the KV tenant `_floe`
+    # (objstore pins). Empty = the blob service refuses every call.
+    admin_token: str = ""
+    blob_port: int = 0  # 0 = api_port + BLOB_PORT_OFFSET
+    blob: BlobSettings = field(default_factory=BlobSettings)
 
     @property
     def raft_address(self) -> str:
         return self.self_peer().raft_address
 
     @property
+    def blob_address(self) -> str:
+        return self.self_peer().blob_address
+
+    @property
     def api_address(self) -> str:
         return self.self_peer().api_address
 
     def self_peer(self) -> Peer:
-        return Peer(self.node_id, self.host, self.raft_port, self.api_port)
+        return Peer(self.node_id, self.host, self.raft_port, self.api_port, self.blob_port)
 
     def all_peers(self) -> tuple[Peer, ...]:
         """Every voting member including this node, ordered by id."""
@@ -128,6 +176,9 @@ def _to_plain(cfg: NodeConfig) -> dict[str, Any]:
         "api_port": cfg.api_port,
         "log_level": cfg.log_level,
         "raft_secret": cfg.raft_secret,
+        "admin_token": cfg.admin_token,
+        "blob_port": cfg.blob_port,
+        "blob": dataclasses.asdict(cfg.blob),
         "peers": [dataclasses.asdict(p) for p in cfg.peers],
         "tenants": [dataclasses.asdict(t) for t in cfg.tenants],
         "raft": dataclasses.asdict(cfg.raft),
@@ -145,7 +196,8 @@ def parse(text: str) -> NodeConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"invalid TOML: {e}") from e
     try:
-        peers = tuple(Peer(str(p["id"]), str(p["host"]), int(p["raft_port"]), int(p["api_port"]))
+        peers = tuple(Peer(str(p["id"]), str(p["host"]), int(p["raft_port"]), int(p["api_port"]),
+                           int(p.get("blob_port", 0)))
                       for p in raw.get("peers", []))
         tenants = tuple(Tenant(str(t["name"]), str(t["token"])) for t in raw.get("tenants", []))
         timing_fields = {f.name for f in dataclasses.fields(RaftTiming)}
@@ -154,6 +206,7 @@ def parse(text: str) -> NodeConfig:
             raise ConfigError(f"unknown [raft] keys: {sorted(unknown)}")
         _check_raft_types(raw.get("raft", {}))
         raft = RaftTiming(**raw.get("raft", {}))
+        blob = _blob_settings(raw.get("blob", {}))
         cfg = NodeConfig(
             node_id=str(raw["node_id"]),
             data_dir=str(raw["data_dir"]),
@@ -165,6 +218,9 @@ def parse(text: str) -> NodeConfig:
             raft=raft,
             log_level=str(raw.get("log_level", "INFO")),
             raft_secret=str(raw.get("raft_secret", "")),
+            admin_token=str(raw.get("admin_token", "")),
+            blob_port=int(raw.get("blob_port", 0)),
+            blob=blob,
         )
     except KeyError as e:
         raise ConfigError(f"missing required key {e}") from e
@@ -175,11 +231,29 @@ def parse(text: str) -> NodeConfig:
     ids = [p.id for p in cfg.all_peers()]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"duplicate node ids: {ids}")
+    if not 0 < cfg.blob.compact_dead_fraction <= 1:
+        raise ConfigError(f"blob.compact_dead_fraction must be in (0, 1], got {cfg.blob.compact_dead_fraction}")
+    if not 1 <= cfg.blob.w <= cfg.blob.r:
+        raise ConfigError(f"blob.w must be between 1 and blob.r, got w={cfg.blob.w} r={cfg.blob.r}")
     if not (0 < cfg.raft.election_min_s < cfg.raft.election_max_s):
         raise ConfigError("raft.election_min_s must be > 0 and < election_max_s")
     if cfg.raft.election_min_s <= 3 * cfg.raft.append_entries_period_s:
         raise ConfigError("raft.election_min_s must exceed 3 x append_entries_period_s")
     return cfg
+
+
+def _blob_settings(raw_blob: dict[str, Any]) -> BlobSettings:
+    defaults = BlobSettings()
+    out: dict[str, Any] = {}
+    for name, value in raw_blob.items():
+        if not hasattr(defaults, name):
+            raise ConfigError(f"unknown [blob] key {name!r}")
+        want = type(getattr(defaults, name))
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (want is int and not isinstance(value, int)) or value < 0:
+            raise ConfigError(f"[blob] {name} must be a non-negative {want.__name__}, got {value!r}")
+        out[name] = want(value)
+    return BlobSettings(**out)
 
 
 def _check_raft_types(raw_raft: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from its logs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import importlib
 import os
@@ -150,6 +151,7 @@ class Layout:
     nodes: tuple[LocalNode, ...]
     token: str
     raft_secret: str = ""
+    admin_token: str = ""
 
     def node(self, node_id: str) -> LocalNode:
         for n in self.nodes:
@@ -170,6 +172,7 @@ class Layout:
             peers=peers,
             tenants=(node_config.Tenant(DEFAULT_TENANT, self.token),),
             raft_secret=self.raft_secret,
+            admin_token=self.admin_token,
         )
 
 
@@ -251,16 +254,24 @@ def write_layout(
         ),
         token=token if token is not None else secrets.token_hex(16),
         raft_secret=secrets.token_hex(16),
+        admin_token=secrets.token_hex(16),
     )
     root.mkdir(parents=True, exist_ok=True)
     for node in layout.nodes:
         _write_node_config(layout, node)
         node.state_dir.mkdir(exist_ok=True)
+    _write_cluster_file(layout)
+    return layout
+
+
+def _write_cluster_file(layout: Layout) -> None:
+    root = layout.data_dir
     doc = {
         "format": LAYOUT_FORMAT,
         "nodes": [{"id": n.id, "host": n.host, "raft_port": n.raft_port, "api_port": n.api_port} for n in layout.nodes],
         "tenants": [{"name": DEFAULT_TENANT, "token": layout.token}],
         "raft_secret": layout.raft_secret,
+        "admin_token": layout.admin_token,
     }
     header = (
         "# A local floe cluster, written by `floe cluster up`. The launcher reads the node\n"
@@ -269,7 +280,6 @@ def write_layout(
     _write_private(root / CLUSTER_FILE, header + tomli_w.dumps(doc))
     if load_layout(root) != layout:
         raise ClusterError(f"{root / CLUSTER_FILE} does not read back as written")
-    return layout
 
 
 def load_layout(data_dir: str | Path) -> Layout:
@@ -301,7 +311,8 @@ def load_layout(data_dir: str | Path) -> Layout:
         raise ClusterError(f"{path}: the node list must be non-empty with unique ids, got {ids}")
     if len(tokens) != 1:
         raise ClusterError(f"{path}: expected exactly one [[tenants]] entry named {DEFAULT_TENANT!r}")
-    return Layout(root, tuple(sorted(nodes, key=lambda n: n.id)), tokens[0], str(raw.get("raft_secret", "")))
+    return Layout(root, tuple(sorted(nodes, key=lambda n: n.id)), tokens[0], str(raw.get("raft_secret", "")),
+                  str(raw.get("admin_token", "")))
 
 
 def ensure_layout(
@@ -323,11 +334,22 @@ def ensure_layout(
             f"api port {first.api_port}, not the {nodes} nodes on ports {base_raft_port}/{base_api_port} asked "
             "for; use another --data-dir, or `floe cluster down` and remove the directory to start afresh"
         )
+    if not layout.admin_token:
+        # A cluster made before the object tier: give it its admin token now.
+        layout = dataclasses.replace(layout, admin_token=secrets.token_hex(16))
+        for node in layout.nodes:
+            _write_node_config(layout, node)
+        _write_cluster_file(layout)
     for node in layout.nodes:
         if not node.config_path.exists():
             _write_node_config(layout, node)
         node.state_dir.mkdir(parents=True, exist_ok=True)
     return layout
+
+
+def admin_token(data_dir: str | Path) -> str:
+    """The cluster's admin token (blob service, `floe blob`)."""
+    return load_layout(data_dir).admin_token
 
 
 def token(data_dir: str | Path) -> str:

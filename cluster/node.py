@@ -5,6 +5,9 @@ Layout of a node's data directory:
   raft/snapshot                  the last log-compaction snapshot
   state/                         the LevelDB state machine (rebuilt from the
                                  snapshot and the journal if lost)
+  blobs/store/                   the object tier's local pack store (objstore/pack.py)
+  blobs/hints/                   copies this node owes other replicas (objstore/hints.py)
+  blobs/tmp/                     spool files of large incoming blobs
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from cluster import config as cfgmod
 from kv.raft import RaftNode, set_raft_secret
 from kv.server import KVService, serve
 from kv.state import KVState
+from objstore.cluster import BlobCluster
+from objstore.hints import HintLog
+from objstore.pack import LocalStore
+from objstore.pins import KVPins
+from objstore.remote import BlobClient, RemoteReplica
+from objstore.service import BlobService, serve_blobs
 
 log = logging.getLogger("floe.node")
 
@@ -46,6 +55,62 @@ def setup_logging(node_id: str, level: str) -> None:
         format=f"%(asctime)s node={node_id} level=%(levelname)s logger=%(name)s %(message)s")
 
 
+# The KV tenant the node itself uses (blob pins), authenticated by the admin token.
+SYSTEM_TENANT = "_floe"
+
+
+class ObjectTier:
+    """The node's blob server, its coordinator and their background workers."""
+
+    def __init__(self, cfg: cfgmod.NodeConfig, raft: RaftNode) -> None:
+        from kv.client import KVClient
+
+        b = cfg.blob
+        base = os.path.join(cfg.data_dir, "blobs")
+        os.makedirs(os.path.join(base, "tmp"), exist_ok=True)
+        self.store = LocalStore(os.path.join(base, "store"), cfg.node_id)
+        self.hints = HintLog(os.path.join(base, "hints"))
+        peers = {p.id: p for p in cfg.peers}
+        self.remotes = {pid: RemoteReplica(pid, p.blob_address, cfg.admin_token, timeout_s=10.0)
+                        for pid, p in peers.items()}
+        self.kv = KVClient([p.api_address for p in cfg.all_peers()], cfg.admin_token, timeout_s=10.0)
+        self.pins = KVPins(self.kv)
+
+        def peer_scrub(node_id: str) -> object:
+            client = BlobClient(peers[node_id].blob_address, cfg.admin_token, timeout_s=3600.0)
+            try:
+                return client.scrub(all_nodes=False)
+            finally:
+                client.close()
+
+        replicas: dict[str, Any] = {cfg.node_id: self.store, **self.remotes}
+        self.cluster = BlobCluster(cfg.node_id, replicas, self.hints, r=b.r, w=b.w, hedge_after_s=b.hedge_after_s,
+                                   live_set=self.pins, gc_grace_s=b.gc_grace_s, peer_scrub=peer_scrub,  # type: ignore[arg-type]
+                                   repair_bytes_per_s=b.repair_bytes_per_s, scrub_bytes_per_s=b.scrub_bytes_per_s)
+        self.service = BlobService(self.store, self.cluster, cfg.admin_token, cfg.node_id, os.path.join(base, "tmp"))
+        self.server = serve_blobs(self.service, cfg.blob_address)
+        self.cluster.start(hint_interval_s=b.hint_interval_s, repair_interval_s=b.repair_interval_s,
+                           scrub_interval_s=b.scrub_interval_s, gc_interval_s=b.gc_interval_s,
+                           gc_allowed=raft.is_leader, compact_interval_s=b.compact_interval_s,
+                           compact_dead_fraction=b.compact_dead_fraction)
+        log.info("event=blob_server_started node=%s address=%s blobs=%d", cfg.node_id, cfg.blob_address,
+                 self.store.stats().get("blobs", 0))
+
+    def stop(self) -> None:
+        self.server.stop(grace=1.0).wait()
+        self.service.close()
+        self.cluster.stop()
+        for r in self.remotes.values():
+            r.close()
+        self.kv.close()
+        self.hints.close()
+        self.store.close()
+
+
+def start_object_tier(cfg: cfgmod.NodeConfig, raft: RaftNode) -> ObjectTier:
+    return ObjectTier(cfg, raft)
+
+
 def main(config_path: str) -> int:
     cfg = cfgmod.load(config_path)
     setup_logging(cfg.node_id, cfg.log_level)
@@ -55,8 +120,12 @@ def main(config_path: str) -> int:
     raft = RaftNode(cfg.raft_address, [p.raft_address for p in cfg.peers], os.path.join(cfg.data_dir, "raft"),
                     state, raft_conf(cfg.raft))
     api_of_raft = {p.raft_address: p.api_address for p in cfg.all_peers()}
-    service = KVService(raft, state, {t.token: t.name for t in cfg.tenants}, api_of_raft, cfg.node_id)
+    tenants = {t.token: t.name for t in cfg.tenants}
+    if cfg.admin_token:
+        tenants[cfg.admin_token] = SYSTEM_TENANT
+    service = KVService(raft, state, tenants, api_of_raft, cfg.node_id)
     server = serve(service, cfg.api_address)
+    blobs = start_object_tier(cfg, raft)
     log.info("event=node_started node=%s raft=%s api=%s pid=%d", cfg.node_id, cfg.raft_address, cfg.api_address,
              os.getpid())
     stop = threading.Event()
@@ -68,6 +137,7 @@ def main(config_path: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
+    blobs.stop()
     server.stop(grace=1.0).wait()
     # Stops the tick thread, which syncs and closes the journal on its way out;
     # only then is it safe to close the state it applies to.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -421,8 +422,9 @@ def test_cluster_status_json_has_exactly_the_documented_keys(tmp_path: Path,
     doc = json.loads(capsys.readouterr().out)
     assert list(doc) == ["nodes"]
     assert [set(n) for n in doc["nodes"]] == [{"id", "pid", "address", "role", "term", "commit_index",
-                                               "applied_index", "healthy", "raft_address"}] * 2
+                                               "applied_index", "healthy", "raft_address", "blobs"}] * 2
     assert doc["nodes"][0]["role"] == "down" and doc["nodes"][0]["pid"] is None
+    assert doc["nodes"][0]["blobs"] is None  # a down node has no blob stats
 
 
 def test_cluster_command_without_cluster_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -473,3 +475,28 @@ def test_kv_get_against_unreachable_server_exits_1_with_one_line() -> None:
 
 def test_signal_names_cover_pause_and_resume() -> None:
     assert cli.KILL_SIGNALS["STOP"] == signal.SIGSTOP and cli.KILL_SIGNALS["CONT"] == signal.SIGCONT
+
+
+@pytest.mark.parametrize("blob, message", [
+    ("w = 4", "blob.w must be between 1 and blob.r"),
+    ("r = 2\nw = 3", "blob.w must be between 1 and blob.r"),
+    ("hedge_after_s = -1", "non-negative"),
+    ("bogus = 1", "unknown [blob] key"),
+    ("compact_dead_fraction = 1.5", "compact_dead_fraction"),
+    ("repair_bytes_per_s = 1.5", "non-negative int"),
+])
+def test_blob_section_is_checked(blob: str, message: str) -> None:
+    from cluster.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(f'node_id = "n1"\ndata_dir = "/d"\n[blob]\n{blob}\n')
+
+
+def test_blob_addresses_default_to_api_port_plus_500() -> None:
+    from cluster.config import parse
+
+    cfg = parse('node_id = "n1"\ndata_dir = "/d"\napi_port = 7220\n'
+                '[[peers]]\nid = "n2"\nhost = "127.0.0.2"\nraft_port = 1\napi_port = 7220\n'
+                '[[peers]]\nid = "n3"\nhost = "127.0.0.3"\nraft_port = 1\napi_port = 7220\nblob_port = 9000\n')
+    assert cfg.blob_address == "127.0.0.1:7720"
+    assert [p.blob_address for p in cfg.peers] == ["127.0.0.2:7720", "127.0.0.3:9000"]
