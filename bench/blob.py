@@ -9,7 +9,12 @@ For each blob size (4 KiB, 64 KiB, 1 MiB) on a local three-node cluster:
              writer with 16 threads appends the same bytes, three times (one
              file per replica, as three nodes on one disk write them), with as
              many fsyncs as floe's pack stores did for the put phase (read from
-             their `syncs` counters), i.e. the same fsync cadence.
+             their `syncs` + `index_syncs` counters), i.e. the same fsync
+             cadence.
+  rpc        the ceiling of the transport alone: empty Has calls/s with 16
+             in flight, the cheapest round trip the blob service answers (a
+             replicated put is three round trips: client to coordinator,
+             coordinator to each other replica).
 The report gives blobs/s and MB/s for each and the ratio floe/floor.
 """
 
@@ -42,7 +47,12 @@ def _clients(layout: launcher.Layout) -> list[Any]:
 
 
 def _syncs(clients: list[Any], nodes: int) -> int:
-    return sum(int(c.stats()["counters"].get("syncs", 0)) for c in clients[:nodes])
+    """Pack fsyncs plus synced index writes of every node's store: all of its fsyncs."""
+    total = 0
+    for c in clients[:nodes]:
+        counters = c.stats()["counters"]
+        total += int(counters.get("syncs", 0)) + int(counters.get("index_syncs", 0))
+    return total
 
 
 def _run(threads: int, seconds: float, fn: Any) -> tuple[int, float, list[str]]:
@@ -162,21 +172,26 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 "errors": (err_put + err_get)[:5],
             }
             results.append(row)
+        probe = os.urandom(32)
+        n_has, t_has, _ = _run(IN_FLIGHT, min(args.seconds, 4.0), lambda i: clients[i].has([probe]))
+        rpc_per_s = n_has / t_has
         for c in clients:
             c.close()
     finally:
         launcher.down(data_dir, stop_wait_s=5)
     if args.json:
         out.write(json.dumps({"benchmark": "blob", "seconds": args.seconds, "in_flight": IN_FLIGHT,
-                              "results": results}, indent=1) + "\n")
+                              "rpc_calls_per_s": rpc_per_s, "results": results}, indent=1) + "\n")
         return 0
     out.write(f"floe bench blob: 3 nodes on one disk, {IN_FLIGHT} in flight, {args.seconds:.0f} s per phase\n\n")
     out.write("| blob | floe put blobs/s | floe put MB/s | floor MB/s (same bytes x3, same fsyncs) | put/floor "
-              "| floe get blobs/s | floe get MB/s | pack fsyncs |\n|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+              "| floe get blobs/s | floe get MB/s | store fsyncs |\n|--:|--:|--:|--:|--:|--:|--:|--:|\n")
     for r in results:
         out.write(f"| {r['size'] // 1024} KiB | {r['put_blobs_per_s']:,.0f} | {r['put_mb_per_s']:.1f} "
                   f"| {r['floor_mb_per_s']:.1f} | {r['put_vs_floor']:.2f} | {r['get_blobs_per_s']:,.0f} "
                   f"| {r['get_mb_per_s']:.1f} | {r['pack_syncs']} |\n")
         if r["errors"]:
             out.write(f"  errors: {r['errors']}\n")
+    out.write(f"\nrpc ceiling: {rpc_per_s:,.0f} empty Has calls/s with {IN_FLIGHT} in flight "
+              "(a replicated put is 3 round trips)\n")
     return 0

@@ -20,6 +20,8 @@ HASH_BYTES = 32
 BLOB_BYTES_MAX = 64 * 1024 * 1024
 # Data pieces on the wire (gRPC messages) and in streaming reads.
 CHUNK_BYTES = 256 * 1024
+# PutSmall/GetSmall carry a blob (range) of at most this in one message.
+SMALL_BYTES_MAX = 1024 * 1024
 # Has() and List() page sizes.
 HAS_BATCH_MAX = 4096
 LIST_LIMIT_MAX = 4096

@@ -93,7 +93,7 @@ LARGE_PUT_WAIT_S = 30.0
 # The transport refuses larger messages before parsing: a data piece is at most
 # CHUNK_BYTES and the other fields of any request fit in the margin (the
 # largest, a full Has batch, is 4096 x 34 = 136 KiB).
-GRPC_RECEIVE_BYTES_MAX = api.CHUNK_BYTES + 64 * 1024
+GRPC_RECEIVE_BYTES_MAX = max(api.CHUNK_BYTES, api.SMALL_BYTES_MAX) + 64 * 1024
 # Largest answer: a Get piece (CHUNK_BYTES) or a full List page (4096 x ~70 B).
 GRPC_SEND_BYTES_MAX = 4 * 1024 * 1024
 # A stream that makes no progress this long is cancelled (a client gone quiet,
@@ -123,6 +123,8 @@ class BlobStore(Protocol):
     """What the service needs of a node's local store (objstore.pack.LocalStore)."""
 
     def put(self, data: bytes, h: bytes) -> bool: ...
+
+    def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes: ...
 
     def put_file(self, f: BinaryIO, h: bytes, size: int) -> bool: ...
 
@@ -486,6 +488,52 @@ class BlobService(blob_pb2_grpc.BlobServiceServicer):  # type: ignore[misc]
     def _put_response(r: api.PutResult) -> Any:
         return blob_pb2.PutResponse(hash=r.hash, stored_on=list(r.stored_on), pending=list(r.pending),
                                     existed=bool(r.existed))
+
+    @_unary
+    def PutSmall(self, request: Any, context: Any) -> Any:  # noqa: N802
+        """Put in one message. The hash is checked once, by whoever stores the
+        bytes (the store, or the coordinator before it sends them on)."""
+        h = _hash_arg(request.hash)
+        data = bytes(request.data)
+        if len(data) > api.SMALL_BYTES_MAX:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"PutSmall carries at most {api.SMALL_BYTES_MAX} bytes, got {len(data)}; use Put")
+        if int(request.size) != len(data):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"PutSmall declared {int(request.size)} bytes and carried {len(data)}")
+        if request.replicate:
+            return self._put_response(self._require_coordinator("Put with replicate").put(data, h))
+        existed = self._store.put(data, h)
+        return blob_pb2.PutResponse(hash=h, stored_on=[self._node_id], existed=bool(existed))
+
+    @_unary
+    def GetSmall(self, request: Any, context: Any) -> Any:  # noqa: N802
+        h = _hash_arg(request.hash)
+        offset, length = int(request.offset), int(request.length)
+        if request.local_only:
+            info = self._store.info(h)
+            if info is None:
+                raise api.BlobNotFound(f"blob {h.hex()} is not on node {self._node_id}")
+            if _range_len(offset, length, info.size) > api.SMALL_BYTES_MAX:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"the range is over {api.SMALL_BYTES_MAX} bytes; use Get")
+            try:
+                data = self._store.get(h, offset, length)
+            except api.InvalidBlob as e:
+                raise _Abort(grpc.StatusCode.OUT_OF_RANGE, str(e)) from e
+            size, served_by = info.size, self._node_id
+        else:
+            coordinator = self._require_coordinator("Get without local_only")
+            try:
+                data, size, served_by = coordinator.get(h, offset, length)
+            except api.InvalidBlob as e:
+                raise _Abort(grpc.StatusCode.OUT_OF_RANGE, str(e)) from e
+            if len(data) > api.SMALL_BYTES_MAX:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"the range is over {api.SMALL_BYTES_MAX} bytes; use Get")
+        if len(data) != _range_len(offset, length, size):
+            raise RuntimeError(f"read {len(data)} bytes for a range of {_range_len(offset, length, size)}")
+        return blob_pb2.GetResponse(size=size, data=data, served_by=served_by)
 
     # ---------------------------------------------------------------- Get
 

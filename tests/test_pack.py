@@ -249,6 +249,10 @@ def test_zstd_is_kept_only_when_it_saves_ten_percent(tmp_path, rng):
             "half zeros": (rand_bytes(rng, 10_000) + bytes(10_000), "zstd"),  # saves ~50%
             "5% zeros": (rand_bytes(rng, 19_000) + bytes(1_000), "none"),  # saves ~5%
             "empty": (b"", "none"),
+            # Large blobs are sampled first (64 KiB from the middle):
+            "1 MiB random": (rand_bytes(rng, 1 << 20), "none"),
+            "1 MiB text": (b"segment of a volume, mostly text. " * 31_000, "zstd"),
+            "1 MiB, random middle only": (bytes(400_000) + rand_bytes(rng, 248_576) + bytes(400_000), "none"),
         }
         for name, (data, want) in cases.items():
             d, h = blob(data)
