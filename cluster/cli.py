@@ -201,9 +201,10 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
     started = ", ".join(info.started) if info.started else "none; all were running"
     print(f"floe: {len(info.nodes)}-node cluster up in {info.data_dir} (started: {started}); leader {info.leader}")
     print()
-    print(_table(["ID", "ROLE", "PID", "API", "RAFT", "LOG"],
+    layout = launcher.load_layout(args.data_dir)
+    print(_table(["ID", "ROLE", "PID", "API", "RAFT", "BLOB", "LOG"],
                  [[n.id, rows[n.id]["role"], rows[n.id]["pid"], n.api_address, n.raft_address,
-                   _short_path(n.log_path)] for n in info.nodes]))
+                   layout.node_config(n).blob_address, _short_path(n.log_path)] for n in info.nodes]))
     flag = _dir_flag(args.data_dir)
     server_flags = " ".join(f"--server {s}" for s in info.servers)
     print(f"""
@@ -231,7 +232,7 @@ def _cmd_cluster_status(args: argparse.Namespace) -> int:
     for r in rows:
         st = blob_stats.get(r["id"])
         r["blobs"] = None if st is None else {k: st.get(k) for k in ("blobs", "bytes", "stored_bytes",
-                                                                     "repair_backlog")}
+                                                                     "repair_backlog", "counters")}
     if args.json:
         _print_json({"nodes": [{k: r[k] for k in (*launcher.STATUS_KEYS, "blobs")} for r in rows]})
         return 0

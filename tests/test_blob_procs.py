@@ -275,3 +275,13 @@ def test_cli_put_get_stat_and_gc_with_pins(cluster_dir, tmp_path):
     r = floe("cluster", "status", "--json", "--data-dir", d)
     nodes = json.loads(r.stdout)["nodes"]
     assert all(n["blobs"]["blobs"] >= 1 for n in nodes)
+    assert sum(n["blobs"]["counters"].get("gc_deleted", 0) for n in nodes) == 3
+    # A remote cluster: --server (a node's API address) and the admin token.
+    remote = ["--server", launcher.servers(cluster_dir)[1]]
+    r = floe("blob", "stat", h, "--json", *remote, "--token", launcher.admin_token(cluster_dir))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["hash"] == h
+    r = floe("blob", "stat", h, *remote, "--token", "wrong")
+    assert r.returncode == 1 and "token" in r.stderr.lower()
+    r = floe("blob", "stat", h, *remote)
+    assert r.returncode == 1 and "FLOE_ADMIN_TOKEN" in r.stderr
