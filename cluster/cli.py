@@ -213,6 +213,7 @@ Use it (servers and token are read from {args.data_dir}):
   floe kv create-keyspace demo main{flag}
   floe kv put demo main hello world{flag}
   floe kv get demo main hello{flag}
+  floe blob put FILE{flag}      (the object tier: prints the blob's SHA-256; see floe blob --help)
 From another directory or machine, or from Python (kv.client.KVClient(servers, token)):
   export {TOKEN_ENV}={info.token}
   floe kv ls {server_flags}
