@@ -223,7 +223,7 @@ def add_parser(top: Any, server_arg: Callable[[str], str], positive_float: Calla
     p = sub.add_parser("gc", help="one mark-and-sweep garbage collection across the cluster")
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     p.add_argument("--grace", type=positive_float, default=None, metavar="SECONDS",
-                   help="never delete blobs younger than this (default: the nodes' gc_grace_s)")
+                   help="never delete blobs younger than this; only lengthens the nodes' gc_grace_s")
     common(p)
     p.set_defaults(func=cmd_gc)
 

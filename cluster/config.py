@@ -136,7 +136,7 @@ class NodeConfig:
     raft_secret: str = ""
     # The cluster's own credential: node-to-node blob calls and operators'
     # `floe blob` commands present it; it is also the KV tenant `_floe`
-    # (objstore pins). Empty = the blob service refuses every call.
+    # (objstore pins). Empty = this node runs no blob service (logged).
     admin_token: str = ""
     blob_port: int = 0  # 0 = api_port + BLOB_PORT_OFFSET
     blob: BlobSettings = field(default_factory=BlobSettings)

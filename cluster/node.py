@@ -125,7 +125,10 @@ def main(config_path: str) -> int:
         tenants[cfg.admin_token] = SYSTEM_TENANT
     service = KVService(raft, state, tenants, api_of_raft, cfg.node_id)
     server = serve(service, cfg.api_address)
-    blobs = start_object_tier(cfg, raft)
+    blobs = start_object_tier(cfg, raft) if cfg.admin_token else None
+    if blobs is None:
+        log.error("event=blob_service_disabled reason=no_admin_token "
+                  "hint='set admin_token in the node config (the same on every node)'")
     log.info("event=node_started node=%s raft=%s api=%s pid=%d", cfg.node_id, cfg.raft_address, cfg.api_address,
              os.getpid())
     stop = threading.Event()
@@ -137,7 +140,8 @@ def main(config_path: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
-    blobs.stop()
+    if blobs is not None:
+        blobs.stop()
     server.stop(grace=1.0).wait()
     # Stops the tick thread, which syncs and closes the journal on its way out;
     # only then is it safe to close the state it applies to.

@@ -72,6 +72,9 @@ from objstore.hints import HintLog
 
 log = logging.getLogger("floe.objstore")
 
+# Read repairs waiting at once (each holds a whole blob in memory).
+REPAIRS_QUEUED_MAX = 64
+
 
 class LiveSetProvider(Protocol):
     """Names every blob something still references (volumes, snapshots, clones, pins)."""
@@ -111,7 +114,8 @@ class BlobCluster:
                  live_set: LiveSetProvider | None = None, gc_grace_s: float = 3600.0,
                  peer_scrub: Callable[[str], ScrubResult] | None = None,
                  repair_bytes_per_s: float = 64 << 20, scrub_bytes_per_s: float = 32 << 20,
-                 gc_deletes_per_s: float = 2000.0, late_ack_grace_s: float = 0.02) -> None:
+                 gc_deletes_per_s: float = 2000.0, late_ack_grace_s: float = 0.02,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if not 1 <= w <= r:
             raise ValueError(f"need 1 <= w <= r, got w={w} r={r}")
         self.node_id = node_id
@@ -122,6 +126,7 @@ class BlobCluster:
         self.r, self.w = r, w
         self.hedge_after_s = hedge_after_s
         self.late_ack_grace_s = late_ack_grace_s
+        self._monotonic = monotonic  # GC's sweep clock (tests pass the replicas' fake clock)
         self._local_put_verified = self.local is not None and "verified" in inspect.signature(
             self.local.put).parameters
         self.live_set = live_set
@@ -133,6 +138,8 @@ class BlobCluster:
         self._pool = ThreadPoolExecutor(max_workers=24, thread_name_prefix="blob-io")
         self._repair_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="blob-repair")
         self._counters: collections.Counter[str] = collections.Counter()
+        self._repairs_queued = 0
+        self._scrub_lock = threading.Lock()
         self._counter_lock = threading.Lock()
         self._repair_owed = 0
         self._down_until: dict[str, float] = {}
@@ -174,9 +181,15 @@ class BlobCluster:
             raise InvalidBlob("data does not match its SHA-256")
         targets = self.placement(h)
         need = min(self.w, len(targets))
-        futs: dict[Future[bool], str] = {self._pool.submit(self._put_to, t, data, h): t for t in targets}
+        # A replica that failed moments ago is not sent to (so a hung node does
+        # not pin pool threads); it is owed a copy by hint, unless skipping it
+        # would leave too few to reach W.
+        up = [t for t in targets if not self._is_down(t)]
+        if len(up) < need:
+            up = list(targets)
+        errors: dict[str, str] = {t: "marked down; owed by hint" for t in targets if t not in up}
+        futs: dict[Future[bool], str] = {self._pool.submit(self._put_to, t, data, h): t for t in up}
         stored: list[str] = []
-        errors: dict[str, str] = {}
         existed = False
         pending_futs = set(futs)
         while pending_futs and len(stored) < need:
@@ -206,7 +219,8 @@ class BlobCluster:
         if len(stored) < need:
             self.count("put_failed")
             detail = "; ".join(f"{n}: {m}" for n, m in sorted(errors.items()))
-            raise NotEnoughReplicas(f"blob stored on {len(stored)} of {len(targets)} replicas, need {need} ({detail})")
+            raise NotEnoughReplicas(
+                f"blob stored on {len(stored)} of {len(targets)} replicas, need {need} ({detail})")
         owed = [futs[f] for f in pending_futs] + [n for n in errors]
         if owed:
             # Durable before we acknowledge: the copies still owed survive a restart.
@@ -250,31 +264,38 @@ class BlobCluster:
         return data
 
     def fetch_verified(self, h: bytes, exclude: Iterable[str] = ()) -> tuple[bytes, str]:
-        """The whole blob from the best replica (hedged), repairing bad copies met on the way."""
+        """The whole blob from the best replica (hedged), repairing bad copies
+        met on the way. BlobNotFound only when every replica asked answered
+        that it has no good copy; ReplicaUnavailable when some could not be
+        asked (the blob may well exist)."""
         check_hash(h)
-        candidates = [n for n in self._read_candidates(h) if n not in set(exclude)]
+        skip = set(exclude)
+        candidates = [n for n in self._read_candidates(h) if n not in skip]
         bad: list[str] = []
         errors: dict[str, str] = {}
+        unreachable: list[str] = []
         futs: dict[Future[bytes], str] = {}
         it = iter(candidates)
         result: tuple[bytes, str] | None = None
+        pending: set[Future[bytes]] = set()
 
         def launch() -> bool:
             for node in it:
-                futs[self._pool.submit(self._fetch, node, h)] = node
+                f = self._pool.submit(self._fetch, node, h)
+                futs[f] = node
+                pending.add(f)
                 return True
             return False
 
         launch()
-        pending = set(futs)
         while pending and result is None:
-            done, pending = wait(pending, timeout=self.hedge_after_s, return_when=FIRST_COMPLETED)
+            done, _ = wait(set(pending), timeout=self.hedge_after_s, return_when=FIRST_COMPLETED)
             if not done:
                 if launch():  # the hedge: ask the next replica too
                     self.count("hedged_reads")
-                    pending = {f for f in futs if not f.done()}
                 continue
             for f in done:
+                pending.discard(f)
                 node = futs[f]
                 try:
                     data = f.result()
@@ -285,23 +306,43 @@ class BlobCluster:
                         self.count("corrupt_found")
                 except Exception as e:  # noqa: BLE001 - unreachable replica: try the next
                     errors[node] = f"{type(e).__name__}: {e}"
+                    unreachable.append(node)
                     if isinstance(e, ReplicaUnavailable):
                         self._mark_down(node)
                 else:
                     if result is None:
                         result = (data, node)
             if result is None and not pending:
-                if launch():
-                    pending = {f for f in futs if not f.done()}
+                launch()
         if result is None:
             detail = "; ".join(f"{n}: {m}" for n, m in sorted(errors.items())) or "no replicas"
+            if unreachable:
+                raise ReplicaUnavailable(f"no good copy of {h.hex()} reachable ({detail})")
             raise BlobNotFound(f"no good copy of {h.hex()} ({detail})")
         data, served_by = result
         placed = set(self.placement(h))
         for node in bad:
             if node in placed:
-                self._repair_pool.submit(self._repair_copy, node, data, h, "read_repairs")
+                self._submit_repair(node, data, h)
         return data, served_by
+
+    def _submit_repair(self, node: str, data: bytes, h: bytes) -> None:
+        """Queue a read repair, unless too many are queued (each holds a blob);
+        what is dropped here the repair scanner finds later."""
+        with self._counter_lock:
+            if self._repairs_queued >= REPAIRS_QUEUED_MAX:
+                self._counters["read_repairs_dropped"] += 1
+                return
+            self._repairs_queued += 1
+
+        def run() -> None:
+            try:
+                self._repair_copy(node, data, h, "read_repairs")
+            finally:
+                with self._counter_lock:
+                    self._repairs_queued -= 1
+
+        self._repair_pool.submit(run)
 
     def _repair_copy(self, node: str, data: bytes, h: bytes, counter: str) -> bool:
         try:
@@ -366,6 +407,16 @@ class BlobCluster:
     def _scrub_local(self) -> ScrubResult:
         if self.local is None:
             return ScrubResult()
+        if not self._scrub_lock.acquire(blocking=False):
+            raise BlobError(f"a scrub is already running on {self.node_id}; try again when it is done")
+        try:
+            return self._scrub_pass()
+        finally:
+            self._scrub_lock.release()
+
+    def _scrub_pass(self) -> ScrubResult:
+        if self.local is None:
+            return ScrubResult()
         checked = corrupt = repaired = unrepaired = 0
         for info in iter_all(self.local):
             if self._stop.is_set():
@@ -395,9 +446,14 @@ class BlobCluster:
     # ---------------------------------------------------------------- hints and repair
 
     def deliver_hints(self, limit: int = 256) -> int:
-        """Deliver owed copies; returns how many were delivered."""
+        """Deliver owed copies; returns how many were delivered.
+
+        Delivery is always a put, never a `has` check: a put of content the
+        target already holds refreshes that copy's age, which GC relies on (a
+        blob put again is young everywhere it is owed)."""
         delivered = 0
-        for target, h, _created in self.hints.pending(limit):
+        down = [t for t in self.nodes if self._is_down(t)]
+        for target, h, _created in self.hints.pending(limit, skip_targets=down):
             if self._stop.is_set():
                 break
             if target not in self.replicas:
@@ -406,18 +462,15 @@ class BlobCluster:
             if self._is_down(target):
                 continue
             try:
-                if self.replicas[target].has([h])[0]:
-                    self.hints.remove(h, target)
-                    delivered += 1
-                    continue
                 data, _src = self.fetch_verified(h, exclude=[target])
             except BlobNotFound:
+                # Every other replica answered and none has a good copy.
                 log.error("event=hint_dropped target=%s hash=%s reason=no_copy_anywhere", target, h.hex())
                 self.hints.remove(h, target)
                 continue
-            except BlobError:
-                self._mark_down(target)
-                continue
+            except BlobError as e:
+                log.info("event=hint_deferred target=%s hash=%s reason=%s", target, h.hex(), e)
+                continue  # no source reachable now; try again next pass
             self.repair_limit.take(len(data), self._stop)
             if self._repair_copy(target, data, h, "hints_delivered"):
                 self.hints.remove(h, target)
@@ -445,6 +498,8 @@ class BlobCluster:
             for t, hashes in by_target.items():
                 if self._stop.is_set():
                     return
+                if self._is_down(t):
+                    continue  # counted as owed on the next pass that reaches it
                 try:
                     present = self.replicas[t].has(hashes)
                 except BlobError:
@@ -483,42 +538,62 @@ class BlobCluster:
     # ---------------------------------------------------------------- gc
 
     def gc(self, dry_run: bool = False, grace_s: float | None = None) -> GcResult:
+        """One mark-and-sweep pass (module doc). `grace_s` may only lengthen
+        the configured grace period, never shorten it: a shorter one could
+        take blobs a flush has written but not yet committed."""
         if self.live_set is None:
             raise BlobError("no live-set provider is configured on this node; GC refuses to guess")
-        grace = self.gc_grace_s if grace_s is None or grace_s <= 0 else grace_s
-        with self._gc_lock:
-            live = set(self.live_set.live_blobs())  # mark first, then sweep (module doc)
-            examined = young = deleted = deleted_bytes = 0
-            unreachable: list[str] = []
-            for node in self.nodes:
-                rep = self.replicas[node]
-                try:
-                    for info in iter_all(rep):
-                        examined += 1
-                        if info.hash in live:
-                            continue
-                        if info.age_s <= grace:
-                            young += 1
-                            continue
-                        if dry_run:
-                            deleted += 1
-                            deleted_bytes += info.stored_size
-                            continue
-                        self.gc_limit.take(1, self._stop)
-                        if rep.delete(info.hash, min_age_s=grace):
-                            deleted += 1
-                            deleted_bytes += info.stored_size
-                            self.count("gc_deleted")
-                        else:
-                            young += 1
-                except BlobError as e:
-                    log.warning("event=gc_node_unreachable node=%s error=%s", node, e)
-                    unreachable.append(node)
-            self.count("gc_runs")
-            log.info("event=gc_done dry_run=%s live=%d examined=%d young=%d deleted=%d bytes=%d unreachable=%s",
-                     dry_run, len(live), examined, young, deleted, deleted_bytes, ",".join(unreachable))
-            return GcResult(live=len(live), examined=examined, young=young, deleted=deleted,
-                            deleted_bytes=deleted_bytes, unreachable=unreachable)
+        grace = max(self.gc_grace_s, grace_s or 0.0)
+        if not self._gc_lock.acquire(blocking=False):
+            raise BlobError("a GC is already running on this node; try again when it is done")
+        try:
+            return self._gc(dry_run, grace)
+        finally:
+            self._gc_lock.release()
+
+    def _gc(self, dry_run: bool, grace: float) -> GcResult:
+        live = set(self.live_set.live_blobs()) if self.live_set is not None else set()  # mark first
+        marked = self._monotonic()
+        examined = young = deleted = deleted_bytes = 0
+        unreachable: list[str] = []
+        for node in self.nodes:
+            rep = self.replicas[node]
+            try:
+                for info in iter_all(rep):
+                    if self._stop.is_set():
+                        raise BlobError("node stopping")
+                    examined += 1
+                    if info.hash in live:
+                        continue
+                    # A blob referenced after the mark was put (refreshed) at
+                    # most a flush's time before it, so it is younger than
+                    # grace + (time since the mark): a sweep that runs long
+                    # must not outlast the grace period it relies on.
+                    min_age = grace + (self._monotonic() - marked)
+                    if info.age_s <= min_age:
+                        young += 1
+                        continue
+                    if dry_run:
+                        deleted += 1
+                        deleted_bytes += info.stored_size
+                        continue
+                    self.gc_limit.take(1, self._stop)
+                    if self._stop.is_set():
+                        raise BlobError("node stopping")
+                    if rep.delete(info.hash, min_age_s=grace + (self._monotonic() - marked)):
+                        deleted += 1
+                        deleted_bytes += info.stored_size
+                        self.count("gc_deleted")
+                    else:
+                        young += 1
+            except BlobError as e:
+                log.warning("event=gc_node_unreachable node=%s error=%s", node, e)
+                unreachable.append(node)
+        self.count("gc_runs")
+        log.info("event=gc_done dry_run=%s live=%d examined=%d young=%d deleted=%d bytes=%d unreachable=%s",
+                 dry_run, len(live), examined, young, deleted, deleted_bytes, ",".join(unreachable))
+        return GcResult(live=len(live), examined=examined, young=young, deleted=deleted,
+                        deleted_bytes=deleted_bytes, unreachable=unreachable)
 
     # ---------------------------------------------------------------- background loops
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import plyvel
 
@@ -47,19 +47,26 @@ class HintLog:
                 self._db.delete(k)
                 self._count -= 1
 
-    def pending(self, limit: int = 1000) -> list[tuple[str, bytes, float]]:
-        """Up to `limit` hints: (target, blob hash, created)."""
+    def pending(self, limit: int = 1000, skip_targets: Iterable[str] = ()) -> list[tuple[str, bytes, float]]:
+        """Up to `limit` hints: (target, blob hash, created), leaving out the
+        targets in skip_targets (a down node's backlog must not hide the
+        hints owed to the others)."""
+        skip = {t.encode() for t in skip_targets}
         out: list[tuple[str, bytes, float]] = []
-        for k, v in self._iter():
-            target, _, h = k.partition(b"\0")
-            out.append((target.decode(), h, struct.unpack("<d", v)[0]))
-            if len(out) >= limit:
-                break
-        return out
-
-    def _iter(self) -> Iterator[tuple[bytes, bytes]]:
         with self._db.snapshot() as snap:
-            yield from snap.iterator()
+            it = snap.iterator()
+            try:
+                for k, v in it:
+                    target, _, h = k.partition(b"\0")
+                    if target in skip:
+                        it.seek(target + b"\x01")  # past every key of this target
+                        continue
+                    out.append((target.decode(), h, struct.unpack("<d", v)[0]))
+                    if len(out) >= limit:
+                        break
+            finally:
+                it.close()
+        return out
 
     def count(self) -> int:
         return self._count

@@ -609,6 +609,9 @@ def _pays(size: int, stored: int) -> bool:
     return size > 0 and COMPRESSION_GAIN_MIN_DIVISOR * (size - stored) >= size
 
 
+# A put of content already stored re-verifies the stored copy first when it is
+# at most this big (larger ones are trusted to the scrubber).
+DEDUP_VERIFY_BYTES_MAX = 4 * 1024 * 1024
 # encode_blob tries zstd on a sample this big before compressing a large blob.
 COMPRESSION_SAMPLE_BYTES = 64 * 1024
 
@@ -763,7 +766,14 @@ class LocalStore:
             raise InvalidBlob("data does not match its hash")
         self._check_writable()
         self._count("puts")
-        if self._load_entry(h) is not None:
+        existing = self._load_entry(h)
+        if existing is not None and existing.stored_size <= DEDUP_VERIFY_BYTES_MAX:
+            # A dedup counts as a durable copy (the coordinator counts it toward
+            # W), so the copy it relies on must be good: check it now. A bad
+            # one is quarantined by verify() and a fresh record is written.
+            if not self.verify(h).verified:
+                existing = None
+        if existing is not None:
             # Probably a dedup: leave the encoding to the writer in the rare
             # case the blob is gone by the time it decides.
             req = _Request(_PUT, h, nbytes=HEADER_BYTES + len(data), data=data)
@@ -1038,7 +1048,9 @@ class LocalStore:
                 fd = os.open(self._pack_path(e.pack), os.O_RDONLY)
             except FileNotFoundError:
                 now = self._load_entry(h)
-                if now is not None and not e.same_copy(now):
+                if now is None:
+                    raise BlobNotFound(f"{h.hex()} not on {self.node_id} (deleted while being read)") from None
+                if not e.same_copy(now):
                     continue  # compaction moved it and unlinked the pack
                 if self._quarantine(h, e, "pack file missing"):
                     raise BlobCorrupt(f"{h.hex()} on {self.node_id}: pack {e.pack} is missing") from None

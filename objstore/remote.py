@@ -218,7 +218,7 @@ class _Endpoint:
         if offset < 0 or length < 0:
             raise api.InvalidBlob("offset and length are >= 0")
         request = blob_pb2.GetRequest(hash=h, offset=offset, length=length, local_only=local_only)
-        call = self._stub.Get(request, timeout=_deadline_s(self._timeout_s, length or 0),
+        call = self._stub.Get(request, timeout=_deadline_s(self._timeout_s, length or api.BLOB_BYTES_MAX),
                               metadata=self._metadata)
         try:
             head = next(call)

@@ -266,3 +266,136 @@ def test_background_compaction_runs_on_the_local_store(tmp_path):
     wait_for(lambda: len(calls) >= 2)
     c.stop()
     assert calls[0] == 0.4 and c.counters()["packs_compacted"] >= 2
+
+
+# ---------------------------------------------------------------- review findings, each held by a test
+
+
+class SteppingReplica(MemReplica):
+    """Its clock moves forward by `step` on every list(): a sweep that takes long."""
+
+    def __init__(self, node_id: str, clock: Clock, step: float) -> None:
+        super().__init__(node_id, clock)
+        self._clock, self._step = clock, step
+
+    def list(self, after: bytes = b"", limit: int = 1000):
+        self._clock.t += self._step
+        return super().list(after, limit)
+
+
+def test_a_sweep_longer_than_the_grace_period_spares_blobs_referenced_after_the_mark(tmp_path):
+    clock, pins = Clock(), Pins()
+    reps = {n: SteppingReplica(n, clock, 40.0) for n in NODES}
+    c = BlobCluster("n1", dict(reps), HintLog(os.path.join(tmp_path, "hints")),  # type: ignore[arg-type]
+                    live_set=pins, gc_grace_s=60.0, monotonic=clock)
+    data = b"referenced after the mark"
+    h = blob_hash(data)
+    original = pins.live_blobs
+
+    def mark_then_reference() -> set[bytes]:
+        live = original()
+        c.put(data, h)  # put and referenced right after the mark was taken
+        pins.live.add(h)
+        return live
+
+    pins.live_blobs = mark_then_reference  # type: ignore[method-assign]
+    c.gc()
+    # Each node's listing took 40 s, so the last sweep ran 120 s after the mark:
+    # every copy (age up to 120 s > grace 60 s) must still be there.
+    wait_for(lambda: all(h in r.blobs for r in reps.values()))
+    c.stop()
+
+
+def test_gc_grace_override_cannot_shorten_the_configured_grace(tmp_path):
+    clock, pins = Clock(), Pins()
+    c, reps = make(str(tmp_path), clock, live_set=pins, gc_grace_s=60.0)
+    data = b"in flight"
+    c.put(data, blob_hash(data))
+    clock.t += 30
+    assert c.gc(grace_s=1.0).deleted == 0
+    assert c.gc(grace_s=120.0).deleted == 0
+    clock.t += 31
+    assert c.gc().deleted == 3
+    c.stop()
+
+
+def test_unreachable_replicas_are_unavailable_not_missing_and_keep_their_hint(tmp_path):
+    from objstore.api import ReplicaUnavailable
+
+    c, reps = make(str(tmp_path))
+    data = b"owed"
+    h = blob_hash(data)
+    reps["n3"].down = True
+    c.put(data, h)  # n3 owed a copy
+    for r in ("n1", "n2"):
+        reps[r].down = True
+    with pytest.raises(ReplicaUnavailable):
+        c.get(h)
+    reps["n3"].down = False
+    c._down_until.clear()
+    assert c.deliver_hints() == 0 and c.hints.count() == 1  # no source reachable: kept, not dropped
+    for r in ("n1", "n2"):
+        reps[r].down = False
+    c._down_until.clear()
+    assert c.deliver_hints() == 1 and h in reps["n3"].blobs
+    c.stop()
+
+
+def test_a_down_node_backlog_does_not_starve_hints_owed_to_others(tmp_path):
+    c, reps = make(str(tmp_path))
+    reps["n2"].down = True
+    for i in range(300):  # 300 hints for n2 sort before n3's
+        d = b"n2 owes %d" % i
+        c.put(d, blob_hash(d))
+    reps["n2"].down = False
+    c._down_until.clear()
+    reps["n3"].down = True
+    d3 = b"n3 owes this"
+    c.put(d3, blob_hash(d3))
+    reps["n3"].down = False
+    reps["n2"].down = True
+    c._down_until.clear()
+    c._mark_down("n2", 60)
+    c.deliver_hints(limit=256)
+    assert blob_hash(d3) in reps["n3"].blobs
+    c.stop()
+
+
+def test_hint_delivery_refreshes_the_age_of_a_copy_the_target_already_has(tmp_path):
+    clock = Clock()
+    c, reps = make(str(tmp_path), clock)
+    data = b"old garbage put again"
+    h = blob_hash(data)
+    reps["n3"].blobs[h] = (data, clock.t - 10_000)  # an old copy from long ago
+    reps["n3"].down = True
+    c.put(data, h)
+    reps["n3"].down = False
+    c._down_until.clear()
+    assert c.deliver_hints() == 1
+    assert reps["n3"].blobs[h][1] == clock.t  # touched: young again, GC spares it
+    c.stop()
+
+
+def test_a_replica_marked_down_is_not_sent_to_and_is_owed_by_hint(tmp_path):
+    c, reps = make(str(tmp_path))
+    c._mark_down("n3", 60)
+    before = reps["n3"].puts
+    data = b"skip the down one"
+    res = c.put(data, blob_hash(data))
+    assert reps["n3"].puts == before and res.pending == ["n3"] and c.hints.count() == 1
+    c.stop()
+
+
+def test_a_second_gc_or_scrub_while_one_runs_is_refused_at_once(tmp_path):
+    from objstore.api import BlobError
+
+    c, reps = make(str(tmp_path), live_set=Pins())
+    assert c._gc_lock.acquire()
+    with pytest.raises(BlobError, match="already running"):
+        c.gc()
+    c._gc_lock.release()
+    assert c._scrub_lock.acquire()
+    with pytest.raises(BlobError, match="already running"):
+        c.scrub()
+    c._scrub_lock.release()
+    c.stop()

@@ -234,7 +234,7 @@ def floe(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_put_get_stat_and_gc_with_pins(cluster_dir, tmp_path):
-    start(cluster_dir, repair_interval_s=0.0)
+    start(cluster_dir, repair_interval_s=0.0, gc_grace_s=1.0)
     d = str(cluster_dir)
     src = tmp_path / "in.bin"
     src.write_bytes(b"floe blob " * 50_000)  # compressible

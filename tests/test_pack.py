@@ -864,3 +864,18 @@ def test_store_matches_a_dict_model(sim):
     )
     print("model coverage:", dict(MODEL_COVERAGE))
     assert MODEL_COVERAGE["power loss"] and MODEL_COVERAGE["packs compacted"] and MODEL_COVERAGE["put dedup"]
+
+
+def test_a_put_never_dedups_onto_a_rotten_copy(tmp_path, rng):
+    # The coordinator counts "already here" as a durable copy toward W, so the
+    # copy a dedup relies on must be checked first.
+    with LocalStore(str(tmp_path)) as s:
+        d, h = blob(rand_bytes(rng, 5000))
+        assert s.put(d, h) is False
+        assert s.put(d, h) is True  # a real dedup
+        loc = s.locate(h)
+        assert loc is not None
+        flip(loc.path, loc.offset + HEADER_BYTES + 100)
+        assert s.put(d, h) is False  # the rotten copy was set aside and a fresh one written
+        assert s.get(h) == d and s.verify(h).verified
+        assert s.stats()["corrupt_found"] == 1
