@@ -502,6 +502,24 @@ class KVState:
         finally:
             snap.close()
 
+    def all_stores(self, name_prefix: str = "") -> list[tuple[str, str]]:
+        """(tenant, store name) of every store of every tenant whose name starts
+        with `name_prefix`. For the node's own bookkeeping (the object tier's
+        live set), never for a tenant's request."""
+        with self._lock:
+            snap = self._live().snapshot()
+        try:
+            out: list[tuple[str, str]] = []
+            for key, _raw in _iter_prefix(snap, _sys_key(_SYS_STORE_BY_NAME)):
+                rest = key[len(_sys_key(_SYS_STORE_BY_NAME)):]
+                tenant = rest[1:1 + rest[0]].decode("ascii")
+                name = rest[1 + rest[0]:].decode("ascii")
+                if name.startswith(name_prefix):
+                    out.append((tenant, name))
+            return out
+        finally:
+            snap.close()
+
     def list_keyspaces(self, tenant: str, store: str) -> list[str]:
         """Keyspace names of a store, sorted. NotFound for an unknown store."""
         _check_read_name("tenant", tenant)
