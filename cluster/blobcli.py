@@ -166,11 +166,24 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    c = _client(args)
-    try:
-        r = c.gc(dry_run=args.dry_run, grace_s=args.grace)
-    finally:
-        c.close()
+    # GC reads the volumes' live set on the Raft leader: ask each node in turn.
+    from objstore.api import BlobError
+    from objstore.remote import BlobClient
+
+    blobs, _apis, tok = _targets(args)
+    errors: list[str] = []
+    r = None
+    for addr in blobs:
+        c = BlobClient(addr, tok, timeout_s=args.timeout)
+        try:
+            r = c.gc(dry_run=args.dry_run, grace_s=args.grace)
+            break
+        except BlobError as e:
+            errors.append(f"{addr}: {e}")
+        finally:
+            c.close()
+    if r is None:
+        raise BlobCLIError("no node could run GC: " + "; ".join(errors))
     verb = "would delete" if args.dry_run else "deleted"
     _out(args, {"dry_run": args.dry_run, "live": r.live, "examined": r.examined, "young": r.young,
                 "deleted": r.deleted, "deleted_bytes": r.deleted_bytes, "unreachable": r.unreachable or []},

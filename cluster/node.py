@@ -26,7 +26,7 @@ from kv.state import KVState
 from objstore.cluster import BlobCluster
 from objstore.hints import HintLog
 from objstore.pack import LocalStore
-from objstore.pins import KVPins
+from objstore.pins import KVPins, Union
 from objstore.remote import BlobClient, RemoteReplica
 from objstore.service import BlobService, serve_blobs
 
@@ -62,8 +62,10 @@ SYSTEM_TENANT = "_floe"
 class ObjectTier:
     """The node's blob server, its coordinator and their background workers."""
 
-    def __init__(self, cfg: cfgmod.NodeConfig, raft: RaftNode) -> None:
+    def __init__(self, cfg: cfgmod.NodeConfig, raft: RaftNode, state: KVState) -> None:
+        from blockdev.liveset import VolumeLiveSet
         from kv.client import KVClient
+        from proto import kv_pb2
 
         b = cfg.blob
         base = os.path.join(cfg.data_dir, "blobs")
@@ -75,6 +77,9 @@ class ObjectTier:
                         for pid, p in peers.items()}
         self.kv = KVClient([p.api_address for p in cfg.all_peers()], cfg.admin_token, timeout_s=10.0)
         self.pins = KVPins(self.kv)
+        barrier = kv_pb2.Command(tenant=SYSTEM_TENANT, barrier=kv_pb2.BarrierCmd()).SerializeToString()
+        # GC's live set: operators' pins and every blob a volume's segment map names.
+        self.live_set = Union([self.pins, VolumeLiveSet(raft, state, lambda: raft.commit(barrier, timeout_s=10.0))])
 
         def peer_scrub(node_id: str) -> object:
             client = BlobClient(peers[node_id].blob_address, cfg.admin_token, timeout_s=3600.0)
@@ -85,7 +90,7 @@ class ObjectTier:
 
         replicas: dict[str, Any] = {cfg.node_id: self.store, **self.remotes}
         self.cluster = BlobCluster(cfg.node_id, replicas, self.hints, r=b.r, w=b.w, hedge_after_s=b.hedge_after_s,
-                                   live_set=self.pins, gc_grace_s=b.gc_grace_s, peer_scrub=peer_scrub,  # type: ignore[arg-type]
+                                   live_set=self.live_set, gc_grace_s=b.gc_grace_s, peer_scrub=peer_scrub,  # type: ignore[arg-type]
                                    repair_bytes_per_s=b.repair_bytes_per_s, scrub_bytes_per_s=b.scrub_bytes_per_s)
         self.service = BlobService(self.store, self.cluster, cfg.admin_token, cfg.node_id, os.path.join(base, "tmp"))
         self.server = serve_blobs(self.service, cfg.blob_address)
@@ -107,8 +112,8 @@ class ObjectTier:
         self.store.close()
 
 
-def start_object_tier(cfg: cfgmod.NodeConfig, raft: RaftNode) -> ObjectTier:
-    return ObjectTier(cfg, raft)
+def start_object_tier(cfg: cfgmod.NodeConfig, raft: RaftNode, state: KVState) -> ObjectTier:
+    return ObjectTier(cfg, raft, state)
 
 
 def main(config_path: str) -> int:
@@ -125,7 +130,7 @@ def main(config_path: str) -> int:
         tenants[cfg.admin_token] = SYSTEM_TENANT
     service = KVService(raft, state, tenants, api_of_raft, cfg.node_id)
     server = serve(service, cfg.api_address)
-    blobs = start_object_tier(cfg, raft) if cfg.admin_token else None
+    blobs = start_object_tier(cfg, raft, state) if cfg.admin_token else None
     if blobs is None:
         log.error("event=blob_service_disabled reason=no_admin_token "
                   "hint='set admin_token in the node config (the same on every node)'")

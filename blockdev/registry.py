@@ -1,0 +1,199 @@
+"""Volumes in the KV: the registry and each volume's own store.
+
+Layout (all in the tenant's namespace, so one tenant never sees another's):
+
+  store "volumes", keyspace "registry":
+      volume name -> msgpack {"id", "size", "block_size", "created"}
+  store "vol.<id>" (one per volume, the blog's "a store per volume"):
+      keyspace "meta":      b"epoch" -> owner epoch (u64 BE); changes only on takeover
+                            b"lease" -> msgpack {"node", "epoch", "renewed"}
+                            b"flush_seq" -> u64 BE, the last committed flush
+      keyspace "segments":  segment index (u64 BE) + (2^64-1 - generation) (u64 BE)
+                            -> segment record (blockdev/extents.py). Versioned by
+                            generation so snapshots can keep old versions; a
+                            forward scan from (index, 2^64-1 - G) finds the
+                            newest record visible at generation G.
+      keyspace "snapshots": name -> msgpack {"gen", "created"}
+      keyspace "changelog": flush seq (u64 BE) -> msgpack {"segments": [...], "gen"}
+
+A flush is one conditional batch on the volume's store: every changed
+segment record, the new flush_seq and a changelog entry, applied only if
+meta/epoch still holds the flusher's epoch (fencing, DESIGN.md §2 point 5).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from blockdev.errors import InvalidRequest, NoSuchVolume, VolumeExists
+from kv.errors import AlreadyExists, NotFound
+
+REGISTRY_STORE = "volumes"
+REGISTRY_KS = "registry"
+KEYSPACES = ("meta", "segments", "snapshots", "changelog")
+BLOCK_SIZES = (512, 4096)
+VOLUME_BYTES_MAX = 64 << 40  # 64 TiB
+NAME_BYTES_MAX = 100
+GEN_MAX = (1 << 64) - 1
+
+EPOCH_KEY = b"epoch"
+LEASE_KEY = b"lease"
+FLUSH_SEQ_KEY = b"flush_seq"
+
+
+def u64(n: int) -> bytes:
+    return struct.pack(">Q", n)
+
+
+def from_u64(b: bytes) -> int:
+    if len(b) != 8:
+        raise ValueError(f"expected 8 bytes, got {len(b)}")
+    return int(struct.unpack(">Q", b)[0])
+
+
+def segment_key(index: int, gen: int = 0) -> bytes:
+    return u64(index) + u64(GEN_MAX - gen)
+
+
+def parse_segment_key(key: bytes) -> tuple[int, int]:
+    return from_u64(key[:8]), GEN_MAX - from_u64(key[8:16])
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeInfo:
+    name: str
+    id: str
+    size: int
+    block_size: int
+    created: float
+
+    @property
+    def store(self) -> str:
+        return f"vol.{self.id}"
+
+    @property
+    def blocks(self) -> int:
+        return self.size // self.block_size
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "id": self.id, "size": self.size, "block_size": self.block_size,
+                "blocks": self.blocks, "created": self.created}
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name.encode()) > NAME_BYTES_MAX or not name.isprintable() or any(c in name for c in "/@ "):
+        raise InvalidRequest(f"a volume name is 1-{NAME_BYTES_MAX} printable bytes without '/', '@' or spaces, "
+                             f"got {name!r}")
+
+
+def _check_size(size: int, block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise InvalidRequest(f"block size must be one of {BLOCK_SIZES}, got {block_size}")
+    if not 0 < size <= VOLUME_BYTES_MAX:
+        raise InvalidRequest(f"size must be between 1 byte and {VOLUME_BYTES_MAX} bytes, got {size}")
+    if size % block_size:
+        raise InvalidRequest(f"size {size} is not a multiple of the block size {block_size}")
+
+
+def _decode(name: str, raw: bytes) -> VolumeInfo:
+    d = msgpack.unpackb(raw, raw=False)
+    return VolumeInfo(name=name, id=str(d["id"]), size=int(d["size"]), block_size=int(d["block_size"]),
+                      created=float(d["created"]))
+
+
+class Registry:
+    """Create, find, resize and delete volumes through a kv.client.KVClient-like object."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+        self._ready = False
+
+    def _ensure(self) -> None:
+        if self._ready:
+            return
+        for fn, args in ((self.kv.create_store, (REGISTRY_STORE,)),
+                         (self.kv.create_keyspace, (REGISTRY_STORE, REGISTRY_KS))):
+            try:
+                fn(*args)
+            except AlreadyExists:
+                pass
+        self._ready = True
+
+    def create(self, name: str, size: int, block_size: int = 512) -> VolumeInfo:
+        _check_name(name)
+        _check_size(size, block_size)
+        self._ensure()
+        info = VolumeInfo(name, os.urandom(8).hex(), size, block_size, time.time())
+        # The volume's store first: a crash before the registry entry leaves
+        # an unnamed store (harmless), never a name without its store.
+        self.kv.create_store(info.store)
+        for ks in KEYSPACES:
+            self.kv.create_keyspace(info.store, ks)
+        from proto import kv_pb2
+
+        raw = msgpack.packb({"id": info.id, "size": size, "block_size": block_size, "created": info.created})
+        applied, _index, _failed = self.kv.batch(
+            REGISTRY_STORE, conditions=[kv_pb2.Condition(keyspace=REGISTRY_KS, key=name.encode(), absent=True)],
+            mutations=[kv_pb2.Mutation(keyspace=REGISTRY_KS, key=name.encode(), put=raw)])
+        if not applied:
+            self.kv.drop_store(info.store)
+            raise VolumeExists(f"a volume named {name!r} already exists")
+        return info
+
+    def get(self, name: str) -> VolumeInfo:
+        _check_name(name)
+        self._ensure()
+        found = self.kv.get(REGISTRY_STORE, REGISTRY_KS, name.encode())
+        if found is None:
+            raise NoSuchVolume(f"no volume named {name!r}")
+        return _decode(name, found[0])
+
+    def list(self) -> list[VolumeInfo]:
+        self._ensure()
+        out: list[VolumeInfo] = []
+        cont = b""
+        while True:
+            rows, cont = self.kv.scan(REGISTRY_STORE, REGISTRY_KS, limit=1000, continuation=cont)
+            out.extend(_decode(k.decode(), v) for k, v, _ver in rows)
+            if not cont:
+                return out
+
+    def resize(self, name: str, new_size: int, *, force: bool = False) -> VolumeInfo:
+        from proto import kv_pb2
+
+        self._ensure()
+        found = self.kv.get(REGISTRY_STORE, REGISTRY_KS, name.encode())
+        if found is None:
+            raise NoSuchVolume(f"no volume named {name!r}")
+        raw, version = found
+        info = _decode(name, raw)
+        _check_size(new_size, info.block_size)
+        if new_size < info.size and not force:
+            raise InvalidRequest(f"shrinking {name} from {info.size} to {new_size} bytes discards data; "
+                                 "pass force to do it anyway")
+        d = msgpack.unpackb(raw, raw=False)
+        d["size"] = new_size
+        applied, _i, _f = self.kv.batch(
+            REGISTRY_STORE, conditions=[kv_pb2.Condition(keyspace=REGISTRY_KS, key=name.encode(),
+                                                         version_equals=version)],
+            mutations=[kv_pb2.Mutation(keyspace=REGISTRY_KS, key=name.encode(), put=msgpack.packb(d))])
+        if not applied:
+            raise InvalidRequest(f"{name} changed while it was being resized; try again")
+        return _decode(name, msgpack.packb(d))
+
+    def delete(self, name: str) -> VolumeInfo:
+        """Remove the volume: its name first, then its store. Its blobs are
+        left for GC (no live set names them any more)."""
+        info = self.get(name)
+        self.kv.delete(REGISTRY_STORE, REGISTRY_KS, name.encode())
+        try:
+            self.kv.drop_store(info.store)
+        except NotFound:
+            pass
+        return info

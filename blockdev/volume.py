@@ -1,0 +1,566 @@
+"""One open volume: the block device the iSCSI target serves (DESIGN.md §5, §6).
+
+Theory of operation.
+
+Ownership. Exactly one node serves a volume: the holder of its lease in the
+KV (`meta/lease`, with the owner epoch in `meta/epoch`). `open()` takes the
+lease: a new volume's first owner gets epoch 1; a node finding another
+owner's lease waits until that lease has not changed for `lease_s` by its own
+clock (no clock is compared across nodes), then takes it over with epoch+1
+in one conditional batch. The owner renews every lease_s/3 with a batch
+conditional on its epoch; a renew that finds another epoch means the volume
+was taken over: the owner drops its buffer and stops (Fenced).
+
+Writes land in the write-back buffer (blockdev/wbuffer.py) and complete:
+DESIGN.md §2 point 1, a disk's volatile cache. FUA writes flush before they
+complete.
+
+Flush (§2 point 2, §5). Under the flush lock (flushes are ordered; one that
+arrives while another runs waits, then covers what came after): freeze the
+buffer; per dirty segment, build one blob from its dirty runs (a segment whose
+record would pass EXTENTS_MAX is rewritten whole, as one blob; all-zero runs
+become holes), put the blobs to the object tier (W=2 of R=3 fsynced), then
+commit ONE conditional KV batch: every changed segment record, flush_seq+1
+and a changelog entry, applied only if meta/epoch still holds our epoch. Only
+then is the frozen buffer released and the flush acknowledged. If a put or
+the commit fails the frozen data goes back under the live buffer and the
+flush reports Unavailable: nothing is reported durable that is not. A failed
+epoch condition means fenced: the buffer is dropped, Fenced is raised. (A
+flush with more changed records than fit one Raft entry commits them in
+several fenced batches, in segment order, and is acknowledged after the last;
+a crash between them leaves some blocks at a later written value, which §2
+point 4 allows.)
+
+Reads take, under the map lock, the committed segment records and the
+buffer's overlay (frozen, then live) in one consistent view, then fetch only
+the blob ranges they need, outside the lock, through a bounded cache of
+immutable blob bytes (no invalidation: blobs never change).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgpack
+
+from blockdev import extents as ext
+from blockdev.errors import Fenced, InvalidRequest, Miscompare, OutOfRange, Unavailable
+from blockdev.registry import (
+    EPOCH_KEY,
+    FLUSH_SEQ_KEY,
+    LEASE_KEY,
+    VolumeInfo,
+    from_u64,
+    segment_key,
+    u64,
+)
+from blockdev.wbuffer import WriteBuffer
+from kv.errors import KVError
+
+log = logging.getLogger("floe.volume")
+
+SEG = ext.SEGMENT_BYTES
+# Records per KV batch: a fragmented record is at most EXTENTS_MAX extents of
+# ~60 bytes; this keeps one batch well under the 48 KiB Raft entry limit.
+RECORD_BYTES_PER_BATCH = 32 * 1024
+MUTATIONS_PER_BATCH = 200
+ZERO_CHUNK = 4096
+
+
+class BlobTier(Protocol):
+    """What a volume needs of the object tier."""
+
+    def put(self, data: bytes) -> bytes:
+        """Store durably (W of R replicas); returns the SHA-256."""
+        ...
+
+    def get(self, h: bytes, offset: int, length: int) -> bytes: ...
+
+
+class BlobCache:
+    """LRU of whole immutable blobs, bounded in bytes."""
+
+    def __init__(self, tier: BlobTier, max_bytes: int = 64 << 20) -> None:
+        self.tier = tier
+        self.max_bytes = max_bytes
+        self._lru: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def read(self, h: bytes, offset: int, length: int) -> bytes:
+        with self._lock:
+            data = self._lru.get(h)
+            if data is not None:
+                self._lru.move_to_end(h)
+                self.hits += 1
+                return data[offset:offset + length]
+        self.misses += 1
+        data = self.tier.get(h, 0, 0)  # whole blob: verified end to end, cached for neighbours
+        with self._lock:
+            if h not in self._lru and len(data) <= self.max_bytes // 4:
+                self._lru[h] = data
+                self._bytes += len(data)
+                while self._bytes > self.max_bytes:
+                    _, old = self._lru.popitem(last=False)
+                    self._bytes -= len(old)
+        return data[offset:offset + length]
+
+    def prime(self, h: bytes, data: bytes) -> None:
+        """A blob this node just wrote: cache it, reads of fresh data are local."""
+        with self._lock:
+            if h not in self._lru and len(data) <= self.max_bytes // 4:
+                self._lru[h] = data
+                self._bytes += len(data)
+                while self._bytes > self.max_bytes:
+                    _, old = self._lru.popitem(last=False)
+                    self._bytes -= len(old)
+
+
+def _kv_pb2() -> Any:
+    from proto import kv_pb2
+
+    return kv_pb2
+
+
+class Volume:
+    def __init__(self, kv: Any, info: VolumeInfo, blobs: BlobTier, node_id: str, *, lease_s: float = 5.0,
+                 high_water_bytes: int = 64 << 20, cache_bytes: int = 64 << 20,
+                 flush_after_s: float = 5.0, flush_dirty_bytes: int = 16 << 20) -> None:
+        self.kv = kv
+        self.info = info
+        self.node_id = node_id
+        self.lease_s = lease_s
+        self.cache = BlobCache(blobs, cache_bytes)
+        self.blobs = blobs
+        self.buffer = WriteBuffer(high_water_bytes=high_water_bytes)
+        self.epoch = 0
+        self.gen = 0
+        self.flush_seq = 0
+        self._records: dict[int, list[ext.Extent]] = {}
+        self._map_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._fenced = False
+        self._closed = False
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.flush_after_s = flush_after_s
+        self.flush_dirty_bytes = flush_dirty_bytes
+        self._dirty_since: float | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    # ---------------------------------------------------------------- geometry
+
+    @property
+    def block_size(self) -> int:
+        return self.info.block_size
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self.info.blocks
+
+    def _range(self, lba: int, count: int) -> tuple[int, int]:
+        if lba < 0 or count < 0 or lba + count > self.capacity_blocks:
+            raise OutOfRange(f"blocks {lba}+{count} beyond the volume's {self.capacity_blocks}")
+        return lba * self.block_size, count * self.block_size
+
+    def _check_serving(self) -> None:
+        if self._fenced:
+            raise Fenced(f"volume {self.info.name}: this node ({self.node_id}) no longer owns it")
+        if self._closed:
+            raise Unavailable(f"volume {self.info.name} is closed")
+
+    # ---------------------------------------------------------------- ownership
+
+    def _meta(self, key: bytes) -> tuple[bytes, int] | None:
+        found: tuple[bytes, int] | None = self.kv.get(self.info.store, "meta", key)
+        return found
+
+    def open(self, *, wait_s: float | None = None, background: bool = True) -> None:
+        """Take ownership (waiting out another owner's lease if need be) and
+        load the volume's state; then start the lease renewer and the
+        background flusher."""
+        kv_pb2 = _kv_pb2()
+        deadline = time.monotonic() + (wait_s if wait_s is not None else 3 * self.lease_s)
+        seen: tuple[bytes, int] | None = None
+        seen_at = 0.0
+        while True:
+            lease = self._meta(LEASE_KEY)
+            epoch_raw = self._meta(EPOCH_KEY)
+            epoch = from_u64(epoch_raw[0]) if epoch_raw else 0
+            if lease is None:
+                cond = [kv_pb2.Condition(keyspace="meta", key=LEASE_KEY, absent=True)]
+            else:
+                holder = msgpack.unpackb(lease[0], raw=False)
+                expired = seen is not None and seen[1] == lease[1] and time.monotonic() - seen_at >= self.lease_s
+                if holder.get("node") != self.node_id and not expired:
+                    if seen is None or seen[1] != lease[1]:
+                        seen, seen_at = lease, time.monotonic()
+                    if time.monotonic() > deadline:
+                        raise Unavailable(f"volume {self.info.name} is owned by {holder.get('node')} "
+                                          f"(epoch {holder.get('epoch')}) and its lease is being renewed")
+                    time.sleep(min(0.2, self.lease_s / 5))
+                    continue
+                cond = [kv_pb2.Condition(keyspace="meta", key=LEASE_KEY, version_equals=lease[1])]
+            new_epoch = epoch + 1
+            muts = [kv_pb2.Mutation(keyspace="meta", key=EPOCH_KEY, put=u64(new_epoch)),
+                    kv_pb2.Mutation(keyspace="meta", key=LEASE_KEY, put=self._lease_value(new_epoch))]
+            applied, _index, _failed = self.kv.batch(self.info.store, conditions=cond, mutations=muts)
+            if applied:
+                self.epoch = new_epoch
+                break
+            if time.monotonic() > deadline:
+                raise Unavailable(f"could not take volume {self.info.name}: its lease kept changing")
+        seq = self._meta(FLUSH_SEQ_KEY)
+        self.flush_seq = from_u64(seq[0]) if seq else 0
+        gen = self._meta(b"gen")
+        self.gen = from_u64(gen[0]) if gen else 0
+        log.info("event=volume_opened volume=%s node=%s epoch=%d flush_seq=%d", self.info.name, self.node_id,
+                 self.epoch, self.flush_seq)
+        if background:
+            for name, fn in (("lease", self._lease_loop), ("flusher", self._flush_loop)):
+                t = threading.Thread(target=fn, name=f"vol-{self.info.name}-{name}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _epoch_condition(self) -> Any:
+        """The fence of every commit: meta/epoch still holds our epoch."""
+        return _kv_pb2().Condition(keyspace="meta", key=EPOCH_KEY, value_equals=u64(self.epoch))
+
+    def _lease_value(self, epoch: int) -> bytes:
+        return bytes(msgpack.packb({"node": self.node_id, "epoch": epoch, "renewed": time.time()}))
+
+    def renew(self) -> None:
+        """Renew the lease; Fenced (and the buffer dropped) if another node took over."""
+        kv_pb2 = _kv_pb2()
+        applied, _i, _f = self.kv.batch(
+            self.info.store, conditions=[self._epoch_condition()],
+            mutations=[kv_pb2.Mutation(keyspace="meta", key=LEASE_KEY, put=self._lease_value(self.epoch))])
+        if not applied:
+            self._fence("lease renewal found another epoch")
+
+    def _fence(self, why: str) -> None:
+        if not self._fenced:
+            log.warning("event=volume_fenced volume=%s node=%s epoch=%d reason=%s dropped_bytes=%d",
+                        self.info.name, self.node_id, self.epoch, why, self.buffer.dirty_bytes)
+        self._fenced = True
+        self.buffer.drop_all()
+        raise Fenced(f"volume {self.info.name}: {why}; this node no longer owns it")
+
+    def _lease_loop(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                self.renew()
+                last_ok = time.monotonic()
+            except Fenced:
+                return
+            except KVError as e:
+                if time.monotonic() - last_ok > self.lease_s:
+                    # Another node may take over any time now; serving on
+                    # would risk reads of data the new owner has replaced.
+                    log.error("event=lease_lost volume=%s error=%s", self.info.name, e)
+                    self._fenced = True
+                    self.buffer.drop_all()
+                    return
+
+    def _flush_loop(self) -> None:
+        while not self._stop.is_set():
+            # Wake at once when writers wait for memory or the buffer passed
+            # its flush-start mark; else check the age every 0.2 s.
+            wanted = self.buffer.wait_flush_wanted(0.2)
+            if self._stop.is_set():
+                return
+            dirty = self.buffer.dirty_bytes
+            if not dirty:
+                self._dirty_since = None
+                continue
+            if self._dirty_since is None:
+                self._dirty_since = time.monotonic()
+            if (wanted or dirty >= self.flush_dirty_bytes
+                    or time.monotonic() - self._dirty_since >= self.flush_after_s):
+                try:
+                    self.flush()
+                    self._dirty_since = None
+                except Fenced:
+                    return
+                except Exception as e:  # noqa: BLE001 - retried on the next round; data stays buffered
+                    log.warning("event=background_flush_failed volume=%s error=%s", self.info.name, e)
+
+    def close(self, *, flush: bool = True) -> None:
+        """Flush (unless told not to), stop the background threads, release the lease."""
+        if flush and not self._fenced:
+            self.flush()
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._closed = True
+        if not self._fenced and self.epoch:
+            kv_pb2 = _kv_pb2()
+            try:
+                self.kv.batch(self.info.store, conditions=[self._epoch_condition()],
+                              mutations=[kv_pb2.Mutation(keyspace="meta", key=LEASE_KEY, delete=True)])
+            except KVError as e:
+                log.warning("event=lease_release_failed volume=%s error=%s", self.info.name, e)
+
+    def crash(self) -> None:
+        """Test hook: stop as a killed owner would (buffer lost, lease left to expire)."""
+        self._stop.set()
+        self._closed = True
+        self.buffer.drop_all()
+
+    # ---------------------------------------------------------------- the segment map
+
+    def _record(self, seg: int) -> list[ext.Extent]:
+        rec = self._records.get(seg)
+        if rec is not None:
+            return rec
+        rows, _cont = self.kv.scan(self.info.store, "segments", start=segment_key(seg, self.gen),
+                                   end=u64(seg + 1), limit=1)
+        rec = ext.decode(rows[0][1]) if rows else []
+        self._records[seg] = rec
+        return rec
+
+    # ---------------------------------------------------------------- reads
+
+    def read(self, lba: int, count: int) -> bytes:
+        self._check_serving()
+        off, length = self._range(lba, count)
+        return self.read_bytes(off, length)
+
+    def read_bytes(self, off: int, length: int) -> bytes:
+        out = bytearray(length)
+        fetches: list[tuple[int, int, bytes, int]] = []
+        try:
+            with self._map_lock:
+                pos = off
+                while pos < off + length:
+                    seg, s_off = divmod(pos, SEG)
+                    n = min(SEG - s_off, off + length - pos)
+                    for dst, plen, h, boff in ext.read_plan(self._record(seg), s_off, n):
+                        if h is not None:
+                            fetches.append((pos - off + dst, plen, h, boff))
+                    pos += n
+                overlay = self.buffer.read_overlay(off, length)
+        except KVError as e:
+            raise Unavailable(f"reading the segment map: {e}") from e
+        try:
+            for dst, plen, h, boff in fetches:
+                out[dst:dst + plen] = self.cache.read(h, boff, plen)
+        except Exception as e:
+            raise Unavailable(f"reading blob data: {e}") from e
+        for dst, plen, data in overlay:
+            out[dst:dst + plen] = data if data is not None else bytes(plen)
+        self.stats["reads"] += 1
+        return bytes(out)
+
+    # ---------------------------------------------------------------- writes
+
+    def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
+        self._check_serving()
+        if len(data) % self.block_size:
+            raise InvalidRequest(f"write of {len(data)} bytes is not whole {self.block_size}-byte blocks")
+        off, _ = self._range(lba, len(data) // self.block_size)
+        with self._write_lock:
+            self.buffer.write(off, bytes(data))
+        self.stats["writes"] += 1
+        if fua:
+            self.flush()
+
+    def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+        self._check_serving()
+        spans = [self._range(lba, count) for lba, count in ranges]
+        with self._write_lock:
+            for off, length in spans:
+                if length:
+                    self.buffer.zero(off, length)
+
+    def write_same(self, lba: int, count: int, block: bytes, *, unmap: bool = False) -> None:
+        self._check_serving()
+        if len(block) != self.block_size:
+            raise InvalidRequest(f"WRITE SAME needs one {self.block_size}-byte block, got {len(block)}")
+        off, length = self._range(lba, count)
+        with self._write_lock:
+            if not any(block) and unmap:
+                self.buffer.zero(off, length)
+                return
+            step = max(1, (4 << 20) // self.block_size)
+            for i in range(0, count, step):
+                n = min(step, count - i)
+                self.buffer.write(off + i * self.block_size, block * n)
+
+    def compare_and_write(self, lba: int, compare: bytes, data: bytes) -> None:
+        """Atomic against other writes: the compare and the write happen under the write lock."""
+        self._check_serving()
+        if len(compare) != len(data) or len(data) % self.block_size:
+            raise InvalidRequest("COMPARE AND WRITE needs equal, whole-block compare and write buffers")
+        off, length = self._range(lba, len(data) // self.block_size)
+        with self._write_lock:
+            current = self.read_bytes(off, length)
+            if current != compare:
+                first = next(i for i, (a, b) in enumerate(zip(current, compare, strict=True)) if a != b)
+                raise Miscompare(first)
+            self.buffer.write(off, bytes(data))
+
+    def lba_status(self, lba: int) -> tuple[int, int, bool]:
+        """(lba, blocks, mapped) for the run of blocks from `lba` that share one
+        state, within its segment: mapped = holds data (written or stored)."""
+        self._check_serving()
+        off, _ = self._range(lba, 1)
+        seg, s_off = divmod(off, SEG)
+        end = min(SEG, (self.capacity_blocks * self.block_size) - seg * SEG)
+        with self._map_lock:
+            plan = ext.read_plan(self._record(seg), 0, end)
+            overlay = self.buffer.read_overlay(seg * SEG, end)
+        state = bytearray(end)  # 1 = mapped
+        for dst, plen, h, _boff in plan:
+            if h is not None:
+                state[dst:dst + plen] = b"\x01" * plen
+        for dst, plen, d in overlay:
+            state[dst:dst + plen] = (b"\x01" if d is not None else b"\x00") * plen
+        first = state[s_off]
+        run_end = s_off
+        while run_end < end and state[run_end] == first:
+            run_end += self.block_size
+        return lba, (min(run_end, end) - s_off) // self.block_size, bool(first)
+
+    # ---------------------------------------------------------------- flush
+
+    def flush(self) -> None:
+        """Make every write that completed before this call durable (module doc)."""
+        self._check_serving()
+        t0 = time.monotonic()
+        with self._flush_lock:
+            self._check_serving()
+            frozen = self.buffer.freeze()
+            if not frozen.segments:
+                self.buffer.release_frozen(frozen)
+                return
+            try:
+                changed = self._build(frozen)
+                self._commit(changed)
+            except Fenced:
+                raise
+            except Exception as e:
+                self.buffer.unfreeze(frozen)
+                self.stats["flush_failed"] += 1
+                if isinstance(e, Unavailable):
+                    raise
+                raise Unavailable(f"flush of {self.info.name} failed, data kept buffered: "
+                                  f"{type(e).__name__}: {e}") from e
+            with self._map_lock:
+                self._records.update(changed)
+                self.buffer.release_frozen(frozen)
+        self.stats["flushes"] += 1
+        self.stats["flush_ms_total"] += int((time.monotonic() - t0) * 1000)
+
+    def _build(self, frozen: Any) -> dict[int, list[ext.Extent]]:
+        """New records for every frozen segment, with their blobs put (W of R)."""
+        changed: dict[int, list[ext.Extent]] = {}
+        for seg, pieces in sorted(frozen.segments.items()):
+            base = self._record(seg)
+            holes: list[tuple[int, int]] = []
+            runs: list[tuple[int, bytes]] = []
+            for s_off, length, data in pieces:
+                if data is None:
+                    holes.append((s_off, length))
+                else:
+                    holes_in, data_runs = _split_zero_runs(s_off, data)
+                    holes.extend(holes_in)
+                    runs.extend(data_runs)
+            rec = list(base)
+            for h_off, h_len in holes:
+                rec = ext.punch(rec, h_off, h_len)
+            if runs:
+                blob = b"".join(d for _o, d in runs)
+                h = self.blobs.put(blob)
+                self.cache.prime(h, blob)
+                new: list[ext.Extent] = []
+                pos = 0
+                for r_off, d in runs:
+                    new.append(ext.Extent(r_off, len(d), h, pos))
+                    pos += len(d)
+                rec = ext.overlay(rec, new)
+            if ext.fragmented(rec):
+                rec = self._rewrite_whole(seg, rec)
+            changed[seg] = rec
+        return changed
+
+    def _rewrite_whole(self, seg: int, rec: list[ext.Extent]) -> list[ext.Extent]:
+        """A fragmented segment becomes one blob and one extent, from its first
+        to its last mapped byte (gaps in between are stored as zeros: a bounded
+        record is worth a little space)."""
+        plan = [p for p in ext.read_plan(rec, 0, SEG) if p[2] is not None]
+        if not plan:
+            return []
+        first, last = plan[0][0], plan[-1][0] + plan[-1][1]
+        buf = bytearray(last - first)
+        for dst, plen, h, boff in plan:
+            if h is not None:
+                buf[dst - first:dst - first + plen] = self.cache.read(h, boff, plen)
+        blob = bytes(buf)
+        h = self.blobs.put(blob)
+        self.cache.prime(h, blob)
+        self.stats["segments_rewritten"] += 1
+        return [ext.Extent(first, len(blob), h, 0)]
+
+    def _commit(self, changed: dict[int, list[ext.Extent]]) -> None:
+        kv_pb2 = _kv_pb2()
+        fence = [self._epoch_condition()]
+        batches: list[list[Any]] = [[]]
+        size = 0
+        for seg, rec in sorted(changed.items()):
+            raw = ext.encode(rec)
+            if batches[-1] and (size + len(raw) > RECORD_BYTES_PER_BATCH or len(batches[-1]) >= MUTATIONS_PER_BATCH):
+                batches.append([])
+                size = 0
+            batches[-1].append(kv_pb2.Mutation(keyspace="segments", key=segment_key(seg, self.gen), put=raw))
+            size += len(raw)
+        seq = self.flush_seq + 1
+        log_entry = msgpack.packb({"segments": sorted(changed), "gen": self.gen, "epoch": self.epoch})
+        batches[-1].append(kv_pb2.Mutation(keyspace="meta", key=FLUSH_SEQ_KEY, put=u64(seq)))
+        batches[-1].append(kv_pb2.Mutation(keyspace="changelog", key=u64(seq), put=log_entry))
+        for muts in batches:
+            try:
+                applied, _index, _failed = self.kv.batch(self.info.store, conditions=fence, mutations=muts)
+            except KVError as e:
+                raise Unavailable(f"committing the segment map: {e}") from e
+            if not applied:
+                self._fence("flush commit refused: the owner epoch changed (taken over)")
+        self.flush_seq = seq
+        self.stats["flush_commits"] += len(batches)
+
+
+def _split_zero_runs(s_off: int, data: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, bytes]]]:
+    """Split a dirty run into holes (all-zero, ZERO_CHUNK-aligned chunks) and data runs."""
+    if not any(data):
+        return [(s_off, len(data))], []
+    if len(data) < 2 * ZERO_CHUNK:
+        return [], [(s_off, data)]
+    holes: list[tuple[int, int]] = []
+    runs: list[tuple[int, bytes]] = []
+    zero = bytes(ZERO_CHUNK)
+    start = 0
+    i = 0
+    while i < len(data):
+        chunk = data[i:i + ZERO_CHUNK]
+        if chunk == zero[:len(chunk)]:
+            if start < i:
+                runs.append((s_off + start, data[start:i]))
+            j = i
+            while j < len(data) and data[j:j + ZERO_CHUNK] == zero[:len(data[j:j + ZERO_CHUNK])]:
+                j += ZERO_CHUNK
+            j = min(j, len(data))
+            holes.append((s_off + i, j - i))
+            start = i = j
+        else:
+            i += ZERO_CHUNK
+    if start < len(data):
+        runs.append((s_off + start, data[start:]))
+    return holes, runs
