@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TextIO, cast
 
-from cluster import blobcli, launcher
+from cluster import blobcli, launcher, volcli
 from cluster.config import ConfigError
 from kv.errors import KVError
 from kv.limits import SCAN_LIMIT_MAX
@@ -521,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_cmd_kv, kv_handler=handler)
 
     blobcli.add_parser(top, _server_arg, _positive_float, DEFAULT_DATA_DIR)
+    volcli.add_parser(top, _server_arg, _positive_float, DEFAULT_DATA_DIR)
 
     bench = top.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WORKLOAD")
@@ -565,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(e), 2)
     except KVError as e:
         return _error(_one_line(e), 1)
-    except (CLIError, launcher.ClusterError, ConfigError, blobcli.BlobCLIError, PermissionError) as e:
+    except (CLIError, launcher.ClusterError, ConfigError, blobcli.BlobCLIError, volcli.VolumeCLIError,
+            PermissionError) as e:
         return _error(str(e), 1)
     except KeyboardInterrupt:
         return 130
@@ -579,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(e) if not e.filename else f"{e.strerror}: {Path(e.filename)}", 1)
     except Exception as e:
         # The object tier's errors (objstore.api.BlobError), without importing it here.
-        if any(c.__name__ == "BlobError" for c in type(e).__mro__):
+        if any(c.__name__ in ("BlobError", "VolumeError") for c in type(e).__mro__):
             return _error(f"{type(e).__name__}: {_one_line(e)}", 1)
         raise
 

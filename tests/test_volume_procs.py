@@ -116,3 +116,48 @@ def test_gc_after_a_volume_delete_keeps_every_block_of_the_others(cluster_dir):
     for lba, data in contents["keep"].items():
         assert v.read(lba, 1) == data, f"block {lba} of the kept volume"
     v.close()
+
+
+def floe(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_volume_cli_create_import_export_round_trip(cluster_dir, tmp_path):
+    import json
+
+    cu.configure(cluster_dir)
+    cu.up(cluster_dir)
+    d = ["--data-dir", str(cluster_dir)]
+    r = floe("volume", "create", "disk", "--size", "64M", "--block-size", "4096", "--json", *d)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["size"] == 64 << 20
+    r = floe("volume", "create", "disk", "--size", "1G", *d)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    r = floe("volume", "create", "x", "--size", "lots", *d)
+    assert r.returncode == 2 and "size like 10G" in r.stderr
+    image = tmp_path / "image.raw"
+    content = bytearray(os.urandom(24 << 20))
+    content[4 << 20:12 << 20] = bytes(8 << 20)  # a zero run
+    image.write_bytes(bytes(content) + bytes(40 << 20))  # the rest of the 64 MiB is zeros
+    r = floe("volume", "import", "img", str(image), "--json", *d)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["flushed"] and rep["zero_skipped"] >= 40 << 20
+    out = tmp_path / "out.raw"
+    r = floe("volume", "export", "img", str(out), *d)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == image.read_bytes()
+    r = floe("volume", "ls", "--json", *d)
+    assert sorted(v["name"] for v in json.loads(r.stdout)["volumes"]) == ["disk", "img"]
+    r = floe("volume", "show", "img", "--json", *d)
+    assert json.loads(r.stdout)["flush_seq"] >= 1
+    r = floe("volume", "resize", "img", "--size", "32M", *d)
+    assert r.returncode == 1 and "force" in r.stderr
+    assert floe("volume", "resize", "img", "--size", "128M", *d).returncode == 0
+    assert floe("volume", "rm", "disk", *d).returncode == 0
+    r = floe("volume", "show", "disk", *d)
+    assert r.returncode == 1 and "no volume" in r.stderr

@@ -1,0 +1,312 @@
+"""`floe volume ...`: create, list, show, resize, remove, import and export volumes.
+
+  create NAME --size 10G [--block-size 512] [--tenant T]
+  ls | show NAME | resize NAME --size S [--force] | rm NAME
+  import NAME FILE [--size S] [--block-size B]   raw image in; zero runs skipped; flushed at the end
+  export NAME FILE                               raw image out
+
+Target: the local cluster in --data-dir (default .floe), or --server HOST:PORT
+(a node's KV API address, repeatable) with --token (the tenant's) and, for
+import/export, --admin-token (the blob service's; $FLOE_ADMIN_TOKEN).
+Import and export open the volume from this process, as its owner for the
+duration (a volume served by a node is taken over: its lease must expire).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cluster import launcher
+from cluster.blobcli import ADMIN_TOKEN_ENV
+from cluster.config import BLOB_PORT_OFFSET
+from cluster.config import load as load_node_config
+
+TOKEN_ENV = "FLOE_TOKEN"
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.I)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+IO_BYTES = 4 << 20  # import/export piece
+
+
+class VolumeCLIError(Exception):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '4096', '1TiB' -> bytes (binary units)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 10G, 512M or 4096, got {text!r}")
+    unit = (m.group(2) or "").upper()[:1]
+    return int(m.group(1)) * _UNITS[unit]
+
+
+def human(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return f"{n}B"
+
+
+def _kv(args: argparse.Namespace) -> Any:
+    from kv.client import KVClient
+
+    if args.server:
+        tok = args.token or os.environ.get(TOKEN_ENV, "")
+        if not tok:
+            raise VolumeCLIError(f"--server needs --token TOKEN or {TOKEN_ENV} in the environment")
+        return KVClient(list(args.server), tok, timeout_s=args.timeout)
+    layout = launcher.load_layout(args.data_dir)
+    tok = args.token or layout.token
+    if getattr(args, "tenant", None):
+        cfg = load_node_config(layout.nodes[0].config_path)
+        named = {t.name: t.token for t in cfg.tenants}
+        if args.tenant not in named:
+            raise VolumeCLIError(f"no tenant {args.tenant!r} in {layout.nodes[0].config_path} "
+                                 f"(tenants: {', '.join(sorted(named))})")
+        tok = named[args.tenant]
+    return KVClient([n.api_address for n in layout.nodes], tok, timeout_s=args.timeout)
+
+
+def _blobs(args: argparse.Namespace) -> Any:
+    from blockdev.tiers import ClientBlobs
+    from objstore.remote import BlobClient
+
+    if args.server:
+        tok = args.admin_token or os.environ.get(ADMIN_TOKEN_ENV, "")
+        if not tok:
+            raise VolumeCLIError(f"import/export with --server needs --admin-token or {ADMIN_TOKEN_ENV}")
+        addrs = [f"{h}:{int(p) + BLOB_PORT_OFFSET}" for h, p in (a.rsplit(":", 1) for a in args.server)]
+    else:
+        layout = launcher.load_layout(args.data_dir)
+        tok = layout.admin_token
+        addrs = [layout.node_config(n).blob_address for n in layout.nodes]
+    return ClientBlobs([BlobClient(a, tok, timeout_s=args.timeout) for a in addrs])
+
+
+def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True) if args.json else text)
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal, unless forced)."""
+
+    def __init__(self, what: str, total: int, enabled: bool) -> None:
+        self.what, self.total, self.enabled = what, max(total, 1), enabled
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, done: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < 0.2):
+            return
+        self.last = now
+        frac = min(1.0, done / self.total)
+        rate = done / max(now - self.t0, 1e-6) / (1 << 20)
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{self.what} [{bar:<30}] {frac * 100:5.1f}% {human(done)}/{human(self.total)} "
+                         f"{rate:.1f} MiB/s")
+        if final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from blockdev.registry import Registry
+
+    info = Registry(_kv(args)).create(args.name, args.size, args.block_size)
+    _out(args, info.to_json(), f"created volume {info.name}: {human(info.size)}, {info.block_size}-byte blocks")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from blockdev.registry import Registry
+
+    vols = Registry(_kv(args)).list()
+    if args.json:
+        _out(args, {"volumes": [v.to_json() for v in vols]}, "")
+    elif not vols:
+        print("(no volumes)")
+    else:
+        print(f"{'NAME':<24} {'SIZE':>8} {'BLOCK':>6}  ID")
+        for v in vols:
+            print(f"{v.name:<24} {human(v.size):>8} {v.block_size:>6}  {v.id}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from blockdev.registry import FLUSH_SEQ_KEY, LEASE_KEY, Registry, from_u64
+
+    kv = _kv(args)
+    info = Registry(kv).get(args.name)
+    d = info.to_json()
+    lease = kv.get(info.store, "meta", LEASE_KEY)
+    seq = kv.get(info.store, "meta", FLUSH_SEQ_KEY)
+    import msgpack
+
+    d["owner"] = msgpack.unpackb(lease[0], raw=False) if lease else None
+    d["flush_seq"] = from_u64(seq[0]) if seq else 0
+    owner = f"{d['owner']['node']} (epoch {d['owner']['epoch']})" if d["owner"] else "none"
+    _out(args, d, f"volume {info.name}\n  id          {info.id}\n  size        {human(info.size)} ({info.size} bytes)"
+                  f"\n  block size  {info.block_size}\n  owner       {owner}\n  flushes     {d['flush_seq']}")
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    from blockdev.registry import Registry
+
+    info = Registry(_kv(args)).resize(args.name, args.size, force=args.force)
+    _out(args, info.to_json(), f"resized {info.name} to {human(info.size)}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from blockdev.registry import Registry
+
+    info = Registry(_kv(args)).delete(args.name)
+    _out(args, {"name": info.name, "deleted": True}, f"removed volume {info.name} (its blobs go at the next GC)")
+    return 0
+
+
+def _open(args: argparse.Namespace, kv: Any, info: Any) -> Any:
+    from blockdev.volume import Volume
+
+    v = Volume(kv, info, _blobs(args), f"cli-{os.uname().nodename}-{os.getpid()}", lease_s=5.0)
+    v.open(background=True)
+    return v
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from blockdev.errors import NoSuchVolume
+    from blockdev.registry import Registry
+
+    size = os.path.getsize(args.file)
+    kv = _kv(args)
+    reg = Registry(kv)
+    try:
+        info = reg.get(args.name)
+        created = False
+    except NoSuchVolume:
+        vsize = args.size or -(-size // args.block_size) * args.block_size
+        info = reg.create(args.name, vsize, args.block_size)
+        created = True
+    if size > info.size:
+        raise VolumeCLIError(f"{args.file} is {size} bytes; volume {info.name} holds {info.size}")
+    v = _open(args, kv, info)
+    progress = Progress(f"import {info.name}", size, args.progress or sys.stderr.isatty())
+    skipped = written = 0
+    try:
+        with open(args.file, "rb") as f:
+            off = 0
+            while off < size:
+                piece = f.read(IO_BYTES)
+                if len(piece) % info.block_size:
+                    piece += bytes(info.block_size - len(piece) % info.block_size)
+                if not any(piece) and created:
+                    skipped += len(piece)  # a new volume reads zeros there already
+                else:
+                    v.write(off // info.block_size, piece)
+                    written += len(piece)
+                off += IO_BYTES
+                progress.update(min(off, size))
+        v.flush()
+        progress.update(size, final=True)
+    finally:
+        v.close(flush=False)
+    _out(args, {"name": info.name, "bytes": size, "written": written, "zero_skipped": skipped, "flushed": True},
+         f"imported {human(size)} into {info.name} ({human(skipped)} of zeros skipped), flushed")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from blockdev.registry import Registry
+
+    kv = _kv(args)
+    info = Registry(kv).get(args.name)
+    v = _open(args, kv, info)
+    progress = Progress(f"export {info.name}", info.size, args.progress or sys.stderr.isatty())
+    tmp = args.file + ".part"
+    try:
+        with open(tmp, "wb") as f:
+            off = 0
+            while off < info.size:
+                n = min(IO_BYTES, info.size - off)
+                f.write(v.read(off // info.block_size, n // info.block_size))
+                off += n
+                progress.update(off)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.file)
+        progress.update(info.size, final=True)
+    finally:
+        v.close(flush=False)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _out(args, {"name": info.name, "bytes": info.size, "file": args.file},
+         f"exported {info.name} ({human(info.size)}) to {args.file}")
+    return 0
+
+
+def add_parser(top: Any, server_arg: Callable[[str], str], positive_float: Callable[[str], float],
+               default_data_dir: str) -> None:
+    vol = top.add_parser("volume", help="volumes: create, ls, show, resize, rm, import, export")
+    sub = vol.add_subparsers(dest="volume_command", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        target = p.add_mutually_exclusive_group()
+        target.add_argument("--data-dir", default=default_data_dir, metavar="DIR",
+                            help=f"use the local cluster in DIR (default {default_data_dir})")
+        target.add_argument("--server", action="append", type=server_arg, metavar="HOST:PORT",
+                            help=f"a node's API address (repeatable); needs --token or {TOKEN_ENV}")
+        p.add_argument("--token", default=None, help="the tenant's token")
+        p.add_argument("--tenant", default=None, help="with --data-dir: act as this tenant of the cluster")
+        p.add_argument("--timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                       help="per call (default 30)")
+
+    def block_size(text: str) -> int:
+        if text not in ("512", "4096"):
+            raise argparse.ArgumentTypeError("block size is 512 or 4096")
+        return int(text)
+
+    p = sub.add_parser("create", help="create a thin volume (nothing is allocated until written)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--size", type=parse_size, required=True, help="e.g. 10G, 512M (binary units)")
+    p.add_argument("--block-size", type=block_size, default=512, help="logical block size: 512 (default) or 4096")
+    common(p)
+    p.set_defaults(func=cmd_create)
+    p = sub.add_parser("ls", help="list volumes")
+    common(p)
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("show", help="a volume's size, block size, owner and flush count")
+    p.add_argument("name", metavar="NAME")
+    common(p)
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("resize", help="grow a volume (shrinking needs --force)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--size", type=parse_size, required=True)
+    p.add_argument("--force", action="store_true", help="allow shrinking (data past the new end is lost)")
+    common(p)
+    p.set_defaults(func=cmd_resize)
+    p = sub.add_parser("rm", help="delete a volume (its blobs are reclaimed by GC)")
+    p.add_argument("name", metavar="NAME")
+    common(p)
+    p.set_defaults(func=cmd_rm)
+    for name, fn, help_text in (("import", cmd_import, "copy a raw image FILE into a volume (created if needed)"),
+                                ("export", cmd_export, "copy a volume to a raw image FILE")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("file", metavar="FILE")
+        if name == "import":
+            p.add_argument("--size", type=parse_size, default=0, help="size of a new volume (default: the file's)")
+            p.add_argument("--block-size", type=block_size, default=512)
+        p.add_argument("--admin-token", default=None, help=f"with --server: the blob service's token "
+                                                           f"(or {ADMIN_TOKEN_ENV})")
+        p.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
+        common(p)
+        p.set_defaults(func=fn)
