@@ -23,6 +23,7 @@ meta/epoch still holds the flusher's epoch (fencing, DESIGN.md §2 point 5).
 
 from __future__ import annotations
 
+import builtins
 import os
 import struct
 import time
@@ -45,6 +46,7 @@ GEN_MAX = (1 << 64) - 1
 EPOCH_KEY = b"epoch"
 LEASE_KEY = b"lease"
 FLUSH_SEQ_KEY = b"flush_seq"
+GEN_KEY = b"gen"
 
 
 def u64(n: int) -> bytes:
@@ -72,6 +74,11 @@ class VolumeInfo:
     size: int
     block_size: int
     created: float
+    # A clone reads segments it has never written from its ancestors: the
+    # (store, generation) of the snapshot it was cloned from, then that
+    # volume's own ancestors.
+    ancestors: tuple[tuple[str, int], ...] = ()
+    origin: str = ""  # "volume@snapshot" it was cloned from
 
     @property
     def store(self) -> str:
@@ -83,7 +90,7 @@ class VolumeInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.id, "size": self.size, "block_size": self.block_size,
-                "blocks": self.blocks, "created": self.created}
+                "blocks": self.blocks, "created": self.created, "origin": self.origin or None}
 
 
 def _check_name(name: str) -> None:
@@ -104,7 +111,9 @@ def _check_size(size: int, block_size: int) -> None:
 def _decode(name: str, raw: bytes) -> VolumeInfo:
     d = msgpack.unpackb(raw, raw=False)
     return VolumeInfo(name=name, id=str(d["id"]), size=int(d["size"]), block_size=int(d["block_size"]),
-                      created=float(d["created"]))
+                      created=float(d["created"]),
+                      ancestors=tuple((str(a), int(g)) for a, g in d.get("ancestors", ())),
+                      origin=str(d.get("origin", "")))
 
 
 class Registry:
@@ -125,19 +134,22 @@ class Registry:
                 pass
         self._ready = True
 
-    def create(self, name: str, size: int, block_size: int = 512) -> VolumeInfo:
+    def create(self, name: str, size: int, block_size: int = 512, *,
+               ancestors: tuple[tuple[str, int], ...] = (), origin: str = "") -> VolumeInfo:
         _check_name(name)
         _check_size(size, block_size)
         self._ensure()
-        info = VolumeInfo(name, os.urandom(8).hex(), size, block_size, time.time())
+        info = VolumeInfo(name, os.urandom(8).hex(), size, block_size, time.time(), ancestors, origin)
         # The volume's store first: a crash before the registry entry leaves
         # an unnamed store (harmless), never a name without its store.
         self.kv.create_store(info.store)
         for ks in KEYSPACES:
             self.kv.create_keyspace(info.store, ks)
+        self.kv.put(info.store, "meta", GEN_KEY, u64(0))
         from proto import kv_pb2
 
-        raw = msgpack.packb({"id": info.id, "size": size, "block_size": block_size, "created": info.created})
+        raw = msgpack.packb({"id": info.id, "size": size, "block_size": block_size, "created": info.created,
+                             "ancestors": [list(a) for a in ancestors], "origin": origin})
         applied, _index, _failed = self.kv.batch(
             REGISTRY_STORE, conditions=[kv_pb2.Condition(keyspace=REGISTRY_KS, key=name.encode(), absent=True)],
             mutations=[kv_pb2.Mutation(keyspace=REGISTRY_KS, key=name.encode(), put=raw)])
@@ -179,6 +191,7 @@ class Registry:
                                  "pass force to do it anyway")
         d = msgpack.unpackb(raw, raw=False)
         d["size"] = new_size
+        d.setdefault("ancestors", [])
         applied, _i, _f = self.kv.batch(
             REGISTRY_STORE, conditions=[kv_pb2.Condition(keyspace=REGISTRY_KS, key=name.encode(),
                                                          version_equals=version)],
@@ -187,10 +200,19 @@ class Registry:
             raise InvalidRequest(f"{name} changed while it was being resized; try again")
         return _decode(name, msgpack.packb(d))
 
+    def clones_of(self, store: str) -> builtins.list[VolumeInfo]:
+        """Volumes that read through `store` (clones of its snapshots, at any depth)."""
+        return [v for v in self.list() if any(a == store for a, _g in v.ancestors)]
+
     def delete(self, name: str) -> VolumeInfo:
         """Remove the volume: its name first, then its store. Its blobs are
-        left for GC (no live set names them any more)."""
+        left for GC (no live set names them any more). Refused while clones
+        read through it."""
         info = self.get(name)
+        clones = self.clones_of(info.store)
+        if clones:
+            raise InvalidRequest(f"volume {name} has clones ({', '.join(c.name for c in clones)}); "
+                                 "delete them first")
         self.kv.delete(REGISTRY_STORE, REGISTRY_KS, name.encode())
         try:
             self.kv.drop_store(info.store)

@@ -53,6 +53,7 @@ from blockdev.errors import Fenced, InvalidRequest, Miscompare, OutOfRange, Unav
 from blockdev.registry import (
     EPOCH_KEY,
     FLUSH_SEQ_KEY,
+    GEN_KEY,
     LEASE_KEY,
     VolumeInfo,
     from_u64,
@@ -131,7 +132,8 @@ def _kv_pb2() -> Any:
 class Volume:
     def __init__(self, kv: Any, info: VolumeInfo, blobs: BlobTier, node_id: str, *, lease_s: float = 5.0,
                  high_water_bytes: int = 64 << 20, cache_bytes: int = 64 << 20,
-                 flush_after_s: float = 5.0, flush_dirty_bytes: int = 16 << 20) -> None:
+                 flush_after_s: float = 5.0, flush_dirty_bytes: int = 16 << 20,
+                 snapshot_gen: int | None = None) -> None:
         self.kv = kv
         self.info = info
         self.node_id = node_id
@@ -154,6 +156,10 @@ class Volume:
         self.flush_dirty_bytes = flush_dirty_bytes
         self._dirty_since: float | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        # A read-only view of a snapshot: reads at its generation, no lease, no writes.
+        self.read_only = snapshot_gen is not None
+        if snapshot_gen is not None:
+            self.gen = snapshot_gen
 
     # ---------------------------------------------------------------- geometry
 
@@ -219,7 +225,7 @@ class Volume:
                 raise Unavailable(f"could not take volume {self.info.name}: its lease kept changing")
         seq = self._meta(FLUSH_SEQ_KEY)
         self.flush_seq = from_u64(seq[0]) if seq else 0
-        gen = self._meta(b"gen")
+        gen = self._meta(GEN_KEY)
         self.gen = from_u64(gen[0]) if gen else 0
         log.info("event=volume_opened volume=%s node=%s epoch=%d flush_seq=%d", self.info.name, self.node_id,
                  self.epoch, self.flush_seq)
@@ -321,9 +327,14 @@ class Volume:
         rec = self._records.get(seg)
         if rec is not None:
             return rec
-        rows, _cont = self.kv.scan(self.info.store, "segments", start=segment_key(seg, self.gen),
-                                   end=u64(seg + 1), limit=1)
-        rec = ext.decode(rows[0][1]) if rows else []
+        rec = []
+        # Our own newest version visible at our generation; else, for a clone,
+        # the version its origin snapshot saw (and so on up the chain).
+        for store, gen in ((self.info.store, self.gen), *self.info.ancestors):
+            rows, _cont = self.kv.scan(store, "segments", start=segment_key(seg, gen), end=u64(seg + 1), limit=1)
+            if rows:
+                rec = ext.decode(rows[0][1])
+                break
         self._records[seg] = rec
         return rec
 
@@ -362,8 +373,13 @@ class Volume:
 
     # ---------------------------------------------------------------- writes
 
-    def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
+    def _check_writable(self) -> None:
         self._check_serving()
+        if self.read_only:
+            raise InvalidRequest(f"{self.info.name} is a snapshot view: read-only")
+
+    def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
+        self._check_writable()
         if len(data) % self.block_size:
             raise InvalidRequest(f"write of {len(data)} bytes is not whole {self.block_size}-byte blocks")
         off, _ = self._range(lba, len(data) // self.block_size)
@@ -374,7 +390,7 @@ class Volume:
             self.flush()
 
     def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
-        self._check_serving()
+        self._check_writable()
         spans = [self._range(lba, count) for lba, count in ranges]
         with self._write_lock:
             for off, length in spans:
@@ -382,7 +398,7 @@ class Volume:
                     self.buffer.zero(off, length)
 
     def write_same(self, lba: int, count: int, block: bytes, *, unmap: bool = False) -> None:
-        self._check_serving()
+        self._check_writable()
         if len(block) != self.block_size:
             raise InvalidRequest(f"WRITE SAME needs one {self.block_size}-byte block, got {len(block)}")
         off, length = self._range(lba, count)
@@ -397,7 +413,7 @@ class Volume:
 
     def compare_and_write(self, lba: int, compare: bytes, data: bytes) -> None:
         """Atomic against other writes: the compare and the write happen under the write lock."""
-        self._check_serving()
+        self._check_writable()
         if len(compare) != len(data) or len(data) % self.block_size:
             raise InvalidRequest("COMPARE AND WRITE needs equal, whole-block compare and write buffers")
         off, length = self._range(lba, len(data) // self.block_size)
@@ -511,8 +527,18 @@ class Volume:
         return [ext.Extent(first, len(blob), h, 0)]
 
     def _commit(self, changed: dict[int, list[ext.Extent]]) -> None:
+        for _attempt in range(5):
+            if self._commit_at_gen(changed):
+                return
+            # A snapshot moved the volume to a new generation: the same records
+            # go in at the new generation, leaving the snapshot's versions be.
+            found = self._meta(GEN_KEY)
+            self.gen = from_u64(found[0]) if found else 0
+        raise Unavailable(f"flush of {self.info.name}: the generation kept changing")
+
+    def _commit_at_gen(self, changed: dict[int, list[ext.Extent]]) -> bool:
         kv_pb2 = _kv_pb2()
-        fence = [self._epoch_condition()]
+        fence = [self._epoch_condition(), kv_pb2.Condition(keyspace="meta", key=GEN_KEY, value_equals=u64(self.gen))]
         batches: list[list[Any]] = [[]]
         size = 0
         for seg, rec in sorted(changed.items()):
@@ -528,13 +554,31 @@ class Volume:
         batches[-1].append(kv_pb2.Mutation(keyspace="changelog", key=u64(seq), put=log_entry))
         for muts in batches:
             try:
-                applied, _index, _failed = self.kv.batch(self.info.store, conditions=fence, mutations=muts)
+                applied, _index, failed = self.kv.batch(self.info.store, conditions=fence, mutations=muts)
             except KVError as e:
                 raise Unavailable(f"committing the segment map: {e}") from e
             if not applied:
+                if failed == 2:
+                    return False
                 self._fence("flush commit refused: the owner epoch changed (taken over)")
         self.flush_seq = seq
         self.stats["flush_commits"] += len(batches)
+        return True
+
+    # ---------------------------------------------------------------- snapshots
+
+    def snapshot(self, name: str) -> int:
+        """Flush, then snapshot what is now durable (fenced by our epoch).
+        Returns the snapshot's generation; this volume moves to the next."""
+        from blockdev import snapshots
+
+        self.flush()
+        with self._flush_lock:
+            self._check_serving()
+            gen = snapshots.create(self.kv, self.info, name, extra_conditions=(self._epoch_condition(),))
+            with self._map_lock:
+                self.gen = gen + 1
+        return gen
 
 
 def _split_zero_runs(s_off: int, data: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, bytes]]]:

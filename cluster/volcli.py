@@ -3,7 +3,9 @@
   create NAME --size 10G [--block-size 512] [--tenant T]
   ls | show NAME | resize NAME --size S [--force] | rm NAME
   import NAME FILE [--size S] [--block-size B]   raw image in; zero runs skipped; flushed at the end
-  export NAME FILE                               raw image out
+  export NAME[@SNAP] FILE                        raw image out
+  clone VOL@SNAP NEWNAME                         a writable volume from a snapshot, no data copied
+and `floe snapshot create VOL NAME | ls VOL | rm VOL NAME`.
 
 Target: the local cluster in --data-dir (default .floe), or --server HOST:PORT
 (a node's KV API address, repeatable) with --token (the tenant's) and, for
@@ -223,12 +225,27 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_at(text: str) -> tuple[str, str]:
+    vol, sep, snap = text.partition("@")
+    if not sep or not vol or not snap:
+        raise VolumeCLIError(f"expected VOLUME@SNAPSHOT, got {text!r}")
+    return vol, snap
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    from blockdev import snapshots
     from blockdev.registry import Registry
+    from blockdev.volume import Volume
 
     kv = _kv(args)
-    info = Registry(kv).get(args.name)
-    v = _open(args, kv, info)
+    if "@" in args.name:
+        vol, snap = _split_at(args.name)
+        info = Registry(kv).get(vol)
+        # A snapshot is read without taking the volume: no lease, read-only.
+        v = Volume(kv, info, _blobs(args), "cli-export", snapshot_gen=snapshots.get(kv, info, snap))
+    else:
+        info = Registry(kv).get(args.name)
+        v = _open(args, kv, info)
     progress = Progress(f"export {info.name}", info.size, args.progress or sys.stderr.isatty())
     tmp = args.file + ".part"
     try:
@@ -244,11 +261,66 @@ def cmd_export(args: argparse.Namespace) -> int:
         os.replace(tmp, args.file)
         progress.update(info.size, final=True)
     finally:
-        v.close(flush=False)
+        if not v.read_only:
+            v.close(flush=False)
         if os.path.exists(tmp):
             os.unlink(tmp)
     _out(args, {"name": info.name, "bytes": info.size, "file": args.file},
          f"exported {info.name} ({human(info.size)}) to {args.file}")
+    return 0
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    from blockdev import snapshots
+    from blockdev.registry import Registry
+
+    kv = _kv(args)
+    info = Registry(kv).get(args.volume)
+    gen = snapshots.create(kv, info, args.name)
+    _out(args, {"volume": info.name, "snapshot": args.name, "gen": gen},
+         f"created snapshot {info.name}@{args.name} (it holds what the volume's owner has flushed)")
+    return 0
+
+
+def cmd_snapshot_ls(args: argparse.Namespace) -> int:
+    from blockdev import snapshots
+    from blockdev.registry import Registry
+
+    kv = _kv(args)
+    info = Registry(kv).get(args.volume)
+    snaps = snapshots.list_(kv, info)
+    if args.json:
+        _out(args, {"volume": info.name, "snapshots": snaps}, "")
+    elif not snaps:
+        print("(no snapshots)")
+    else:
+        for sn in snaps:
+            print(f"{info.name}@{sn['name']}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(sn['created']))}")
+    return 0
+
+
+def cmd_snapshot_rm(args: argparse.Namespace) -> int:
+    from blockdev import snapshots
+    from blockdev.registry import Registry
+
+    kv = _kv(args)
+    reg = Registry(kv)
+    info = reg.get(args.volume)
+    pruned = snapshots.delete(kv, reg, info, args.name)
+    _out(args, {"volume": info.name, "snapshot": args.name, "deleted": True, "records_pruned": pruned},
+         f"removed snapshot {info.name}@{args.name} ({pruned} record versions pruned; blobs go at the next GC)")
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    from blockdev import snapshots
+    from blockdev.registry import Registry
+
+    vol, snap = _split_at(args.source)
+    kv = _kv(args)
+    reg = Registry(kv)
+    info = snapshots.clone(kv, reg, reg.get(vol), snap, args.new_name)
+    _out(args, info.to_json(), f"created volume {info.name}, a clone of {vol}@{snap} (no data copied)")
     return 0
 
 
@@ -300,7 +372,7 @@ def add_parser(top: Any, server_arg: Callable[[str], str], positive_float: Calla
     for name, fn, help_text in (("import", cmd_import, "copy a raw image FILE into a volume (created if needed)"),
                                 ("export", cmd_export, "copy a volume to a raw image FILE")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("name", metavar="NAME")
+        p.add_argument("name", metavar="NAME" if name == "import" else "NAME[@SNAPSHOT]")
         p.add_argument("file", metavar="FILE")
         if name == "import":
             p.add_argument("--size", type=parse_size, default=0, help="size of a new volume (default: the file's)")
@@ -310,3 +382,25 @@ def add_parser(top: Any, server_arg: Callable[[str], str], positive_float: Calla
         p.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
         common(p)
         p.set_defaults(func=fn)
+    p = sub.add_parser("clone", help="a new writable volume from VOLUME@SNAPSHOT (no data copied)")
+    p.add_argument("source", metavar="VOLUME@SNAPSHOT")
+    p.add_argument("new_name", metavar="NEWNAME")
+    common(p)
+    p.set_defaults(func=cmd_clone)
+
+    snap = top.add_parser("snapshot", help="snapshots: create, ls, rm")
+    ssub = snap.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    p = ssub.add_parser("create", help="snapshot a volume (what its owner has flushed; no data copied)")
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("name", metavar="NAME")
+    common(p)
+    p.set_defaults(func=cmd_snapshot_create)
+    p = ssub.add_parser("ls", help="a volume's snapshots")
+    p.add_argument("volume", metavar="VOLUME")
+    common(p)
+    p.set_defaults(func=cmd_snapshot_ls)
+    p = ssub.add_parser("rm", help="delete a snapshot (refused while clones use it)")
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("name", metavar="NAME")
+    common(p)
+    p.set_defaults(func=cmd_snapshot_rm)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from blockdev import extents as ext
+from blockdev import snapshots
 from blockdev.errors import Fenced, InvalidRequest, Miscompare, OutOfRange, Unavailable
 from blockdev.registry import Registry
 from blockdev.volume import Volume
@@ -40,67 +41,142 @@ def open_volume(kv: MemKV, blobs: MemBlobs, node: str = "n1", name: str = "v") -
 
 
 class VolumeModel(RuleBasedStateMachine):
+    """Volumes, snapshots and clones against bytearrays: per volume what reads
+    must return (`current`) and what the last flush made durable; per snapshot
+    its frozen bytes."""
+
     def __init__(self) -> None:
         super().__init__()
         self.kv, self.blobs = MemKV(), MemBlobs()
-        self.vol = open_volume(self.kv, self.blobs)
-        self.current = bytearray(SIZE)   # what reads must return
-        self.durable = bytearray(SIZE)   # what the last acknowledged flush covers
+        self.reg = Registry(self.kv)
+        self.vols: dict[str, Volume] = {"v": open_volume(self.kv, self.blobs)}
+        self.current: dict[str, bytearray] = {"v": bytearray(SIZE)}
+        self.durable: dict[str, bytearray] = {"v": bytearray(SIZE)}
+        self.snaps: dict[tuple[str, str], bytes] = {}
+        self.clone_of: dict[str, tuple[str, str]] = {}
+        self.n = 0
 
-    def _apply(self, lba: int, data: bytes) -> None:
-        self.current[lba * BS:lba * BS + len(data)] = data
+    def _pick(self, i: int) -> str:
+        names = sorted(self.vols)
+        return names[i % len(names)]
 
-    @rule(lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 2100), seed=st.integers(0, 255),
-          zero=st.booleans(), fua=st.booleans())
-    def write(self, lba: int, blocks: int, seed: int, zero: bool, fua: bool) -> None:
+    def _apply(self, name: str, lba: int, data: bytes) -> None:
+        self.current[name][lba * BS:lba * BS + len(data)] = data
+
+    @rule(i=st.integers(0, 9), lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 2100),
+          seed=st.integers(0, 255), zero=st.booleans(), fua=st.booleans())
+    def write(self, i: int, lba: int, blocks: int, seed: int, zero: bool, fua: bool) -> None:
+        name = self._pick(i)
         blocks = min(blocks, BLOCKS - lba)
-        data = bytes(blocks * BS) if zero else bytes((seed + i) % 251 for i in range(blocks * BS))
-        self.vol.write(lba, data, fua=fua)
-        self._apply(lba, data)
+        data = bytes(blocks * BS) if zero else bytes((seed + k) % 251 for k in range(blocks * BS))
+        self.vols[name].write(lba, data, fua=fua)
+        self._apply(name, lba, data)
         if fua:
-            self.durable[:] = self.current  # a FUA write flushes everything before it too
+            self.durable[name][:] = self.current[name]  # a FUA write flushes everything before it too
 
-    @rule()
-    def flush(self) -> None:
-        self.vol.flush()
-        self.durable[:] = self.current
+    @rule(i=st.integers(0, 9))
+    def flush(self, i: int) -> None:
+        name = self._pick(i)
+        self.vols[name].flush()
+        self.durable[name][:] = self.current[name]
 
-    @rule(lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 3000))
-    def unmap(self, lba: int, blocks: int) -> None:
+    @rule(i=st.integers(0, 9), lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 3000))
+    def unmap(self, i: int, lba: int, blocks: int) -> None:
+        name = self._pick(i)
         blocks = min(blocks, BLOCKS - lba)
-        self.vol.unmap([(lba, blocks)])
-        self._apply(lba, bytes(blocks * BS))
+        self.vols[name].unmap([(lba, blocks)])
+        self._apply(name, lba, bytes(blocks * BS))
 
-    @rule(lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 3000), byte=st.sampled_from([0, 7]),
-          unmap=st.booleans())
-    def write_same(self, lba: int, blocks: int, byte: int, unmap: bool) -> None:
+    @rule(i=st.integers(0, 9), lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 3000),
+          byte=st.sampled_from([0, 7]), unmap=st.booleans())
+    def write_same(self, i: int, lba: int, blocks: int, byte: int, unmap: bool) -> None:
+        name = self._pick(i)
         blocks = min(blocks, BLOCKS - lba)
-        self.vol.write_same(lba, blocks, bytes([byte]) * BS, unmap=unmap)
-        self._apply(lba, bytes([byte]) * (blocks * BS))
+        self.vols[name].write_same(lba, blocks, bytes([byte]) * BS, unmap=unmap)
+        self._apply(name, lba, bytes([byte]) * (blocks * BS))
 
-    @rule()
-    def owner_crash_and_takeover(self) -> None:
-        self.vol.crash()
-        node = "n2" if self.vol.node_id == "n1" else "n1"
-        self.vol = open_volume(self.kv, self.blobs, node)
-        self.current[:] = self.durable  # unflushed writes vanish; flushed ones never
+    @rule(i=st.integers(0, 9))
+    def owner_crash_and_takeover(self, i: int) -> None:
+        name = self._pick(i)
+        old = self.vols[name]
+        old.crash()
+        node = "n2" if old.node_id == "n1" else "n1"
+        self.vols[name] = open_volume(self.kv, self.blobs, node, name)
+        self.current[name][:] = self.durable[name]  # unflushed writes vanish; flushed ones never
 
-    @rule(lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 2100))
-    def read_range(self, lba: int, blocks: int) -> None:
+    @rule(i=st.integers(0, 9))
+    def snapshot(self, i: int) -> None:
+        name = self._pick(i)
+        self.n += 1
+        snap = f"s{self.n}"
+        self.vols[name].snapshot(snap)  # flushes first
+        self.durable[name][:] = self.current[name]
+        self.snaps[(name, snap)] = bytes(self.current[name])
+
+    @rule(i=st.integers(0, 9))
+    def snapshot_from_outside(self, i: int) -> None:
+        """An operator's snapshot while the owner runs: it holds what is flushed."""
+        name = self._pick(i)
+        self.n += 1
+        snap = f"x{self.n}"
+        snapshots.create(self.kv, self.reg.get(name), snap)
+        self.snaps[(name, snap)] = bytes(self.durable[name])
+
+    @rule(k=st.integers(0, 99))
+    def clone(self, k: int) -> None:
+        if not self.snaps or len(self.vols) >= 3:
+            return
+        vol, snap = sorted(self.snaps)[k % len(self.snaps)]
+        self.n += 1
+        new = f"c{self.n}"
+        snapshots.clone(self.kv, self.reg, self.reg.get(vol), snap, new)
+        self.vols[new] = open_volume(self.kv, self.blobs, "n1", new)
+        self.current[new] = bytearray(self.snaps[(vol, snap)])
+        self.durable[new] = bytearray(self.snaps[(vol, snap)])
+        self.clone_of[new] = (vol, snap)
+
+    @rule(k=st.integers(0, 99))
+    def delete_snapshot(self, k: int) -> None:
+        free = sorted(s for s in self.snaps if s not in self.clone_of.values())
+        if not free:
+            return
+        vol, snap = free[k % len(free)]
+        snapshots.delete(self.kv, self.reg, self.reg.get(vol), snap)
+        del self.snaps[(vol, snap)]
+
+    @rule(k=st.integers(0, 99))
+    def read_snapshot(self, k: int) -> None:
+        if not self.snaps:
+            return
+        vol, snap = sorted(self.snaps)[k % len(self.snaps)]
+        self._check_snapshot(vol, snap)
+
+    def _check_snapshot(self, vol: str, snap: str) -> None:
+        info = self.reg.get(vol)
+        view = Volume(self.kv, info, self.blobs, "reader", snapshot_gen=snapshots.get(self.kv, info, snap))
+        assert view.read(0, BLOCKS) == self.snaps[(vol, snap)], f"snapshot {vol}@{snap}"
+
+    @rule(i=st.integers(0, 9), lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 2100))
+    def read_range(self, i: int, lba: int, blocks: int) -> None:
+        name = self._pick(i)
         blocks = min(blocks, BLOCKS - lba)
-        assert self.vol.read(lba, blocks) == bytes(self.current[lba * BS:(lba + blocks) * BS])
+        assert self.vols[name].read(lba, blocks) == bytes(self.current[name][lba * BS:(lba + blocks) * BS])
 
     @invariant()
     def records_stay_bounded(self) -> None:
-        for rec in self.vol._records.values():
-            assert not ext.fragmented(rec)
+        for v in self.vols.values():
+            for rec in v._records.values():
+                assert not ext.fragmented(rec)
 
     def teardown(self) -> None:
-        assert self.vol.read(0, BLOCKS) == bytes(self.current)
+        for name, v in self.vols.items():
+            assert v.read(0, BLOCKS) == bytes(self.current[name]), f"volume {name}"
+        for vol, snap in self.snaps:
+            self._check_snapshot(vol, snap)
 
 
 TestVolumeModel = VolumeModel.TestCase
-TestVolumeModel.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
+TestVolumeModel.settings = settings(max_examples=80, stateful_step_count=30, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -278,3 +354,39 @@ def test_writers_past_the_high_water_mark_slow_down_and_never_fail():
     assert v.stats["flushes"] >= 1 and v.buffer.dirty_bytes <= 3 << 20
     assert v.read(0, (12 << 20) // BS) == b"".join(chunks)
     v.close()
+
+
+def test_deleting_a_snapshot_prunes_only_versions_no_one_sees():
+    kv, blobs = MemKV(), MemBlobs()
+    reg = Registry(kv)
+    v = open_volume(kv, blobs)
+    states = []
+    for k in range(4):
+        v.write(0, bytes([k + 1]) * (4 * BS))
+        v.write(3000, bytes([k + 1]) * BS)  # the second segment too
+        v.snapshot(f"s{k}")
+        states.append(v.read(0, BLOCKS))
+    v.write(1, b"h" * BS)
+    v.flush()
+    head = v.read(0, BLOCKS)
+    info = reg.get("v")
+
+    def view(name: str) -> bytes:
+        return Volume(kv, info, blobs, "r", snapshot_gen=snapshots.get(kv, info, name)).read(0, BLOCKS)
+
+    assert snapshots.delete(kv, reg, info, "s1") == 2  # s1's versions of both segments
+    assert [view(n) for n in ("s0", "s2", "s3")] == [states[0], states[2], states[3]]
+    assert snapshots.delete(kv, reg, info, "s0") == 2
+    assert snapshots.delete(kv, reg, info, "s3") == 1  # the head still sees s3's version of segment 1
+    assert view("s2") == states[2] and v.read(0, BLOCKS) == head
+    clone = snapshots.clone(kv, reg, info, "s2", "c")
+    with pytest.raises(InvalidRequest, match="clones"):
+        snapshots.delete(kv, reg, info, "s2")
+    with pytest.raises(InvalidRequest, match="clones"):
+        reg.delete("v")
+    c = Volume(kv, clone, blobs, "n1", lease_s=LEASE_S)
+    c.open(background=False)
+    assert c.read(0, BLOCKS) == states[2]
+    c.write(2, b"c" * BS)
+    c.flush()
+    assert view("s2") == states[2] and v.read(0, BLOCKS) == head  # the clone's writes go nowhere else

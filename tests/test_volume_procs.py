@@ -101,6 +101,26 @@ def test_gc_after_a_volume_delete_keeps_every_block_of_the_others(cluster_dir):
             contents[name][lba] = data
             v.flush()  # many flushes: many blobs
         v.close()
+    # keep@s freezes the kept volume; then every block is overwritten, and a
+    # clone of keep@s gets writes of its own.
+    from blockdev import snapshots
+
+    v = Volume(kv, reg.get("keep"), blobs, "tester", lease_s=5.0)
+    v.open(background=False)
+    v.snapshot("s")
+    frozen = dict(contents["keep"])
+    for lba in list(contents["keep"]):
+        data = os.urandom(BS)
+        v.write(lba, data)
+        contents["keep"][lba] = data
+    v.close()
+    clone_info = snapshots.clone(kv, reg, reg.get("keep"), "s", "kclone")
+    c = Volume(kv, clone_info, blobs, "tester", lease_s=5.0)
+    c.open(background=False)
+    cloned = dict(frozen)
+    cloned[1] = os.urandom(BS)
+    c.write(1, cloned[1])
+    c.close()
     reg.delete("drop")
     time.sleep(1.5)  # past the grace period
     gc = None
@@ -116,6 +136,15 @@ def test_gc_after_a_volume_delete_keeps_every_block_of_the_others(cluster_dir):
     for lba, data in contents["keep"].items():
         assert v.read(lba, 1) == data, f"block {lba} of the kept volume"
     v.close()
+    info = reg.get("keep")
+    snap = Volume(kv, info, blobs, "reader", snapshot_gen=snapshots.get(kv, info, "s"))
+    for lba, data in frozen.items():
+        assert snap.read(lba, 1) == data, f"block {lba} of keep@s"
+    c = Volume(kv, reg.get("kclone"), blobs, "tester", lease_s=5.0)
+    c.open(background=False)
+    for lba, data in cloned.items():
+        assert c.read(lba, 1) == data, f"block {lba} of the clone"
+    c.close()
 
 
 def floe(*args: str):
@@ -155,6 +184,28 @@ def test_volume_cli_create_import_export_round_trip(cluster_dir, tmp_path):
     assert sorted(v["name"] for v in json.loads(r.stdout)["volumes"]) == ["disk", "img"]
     r = floe("volume", "show", "img", "--json", *d)
     assert json.loads(r.stdout)["flush_seq"] >= 1
+    # Snapshot, overwrite, clone, export the snapshot and the clone.
+    assert floe("volume", "import", "img", str(tmp_path / "out.raw"), *d).returncode == 0  # no-op rewrite
+    r = floe("snapshot", "create", "img", "before", "--json", *d)
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "other.raw"
+    other.write_bytes(os.urandom(64 << 20))
+    assert floe("volume", "import", "img", str(other), *d).returncode == 0
+    assert floe("volume", "clone", "img@before", "img2", *d).returncode == 0
+    snap_out, clone_out, head_out = tmp_path / "snap.raw", tmp_path / "clone.raw", tmp_path / "head.raw"
+    assert floe("volume", "export", "img@before", str(snap_out), *d).returncode == 0
+    assert floe("volume", "export", "img2", str(clone_out), *d).returncode == 0
+    assert floe("volume", "export", "img", str(head_out), *d).returncode == 0
+    assert snap_out.read_bytes() == image.read_bytes() == clone_out.read_bytes()
+    assert head_out.read_bytes() == other.read_bytes()
+    r = floe("snapshot", "ls", "img", "--json", *d)
+    assert [x["name"] for x in json.loads(r.stdout)["snapshots"]] == ["before"]
+    r = floe("snapshot", "rm", "img", "before", *d)
+    assert r.returncode == 1 and "clones" in r.stderr
+    assert floe("volume", "rm", "img2", *d).returncode == 0
+    assert floe("snapshot", "rm", "img", "before", *d).returncode == 0
+    r = floe("volume", "clone", "img", "x", *d)
+    assert r.returncode == 1 and "VOLUME@SNAPSHOT" in r.stderr
     r = floe("volume", "resize", "img", "--size", "32M", *d)
     assert r.returncode == 1 and "force" in r.stderr
     assert floe("volume", "resize", "img", "--size", "128M", *d).returncode == 0
