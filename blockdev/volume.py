@@ -44,6 +44,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import msgpack
@@ -57,6 +58,7 @@ from blockdev.registry import (
     LEASE_KEY,
     VolumeInfo,
     from_u64,
+    parse_segment_key,
     segment_key,
     u64,
 )
@@ -71,6 +73,10 @@ SEG = ext.SEGMENT_BYTES
 RECORD_BYTES_PER_BATCH = 32 * 1024
 MUTATIONS_PER_BATCH = 200
 ZERO_CHUNK = 4096
+# A volume whose segments keyspace holds more versions than this is read lazily.
+MAP_PRELOAD_MAX = 200_000
+# Blob puts in flight per flush.
+PUT_PARALLELISM = 16
 
 
 class BlobTier(Protocol):
@@ -145,6 +151,7 @@ class Volume:
         self.gen = 0
         self.flush_seq = 0
         self._records: dict[int, list[ext.Extent]] = {}
+        self._map_complete = False  # every own record is in _records (loaded at open, kept by our flushes)
         self._map_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -156,6 +163,8 @@ class Volume:
         self.flush_dirty_bytes = flush_dirty_bytes
         self._dirty_since: float | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        # Blob puts of one flush run in parallel (DESIGN.md §5).
+        self._pool = ThreadPoolExecutor(max_workers=PUT_PARALLELISM, thread_name_prefix=f"vol-{info.name}-put")
         # A read-only view of a snapshot: reads at its generation, no lease, no writes.
         self.read_only = snapshot_gen is not None
         if snapshot_gen is not None:
@@ -227,6 +236,7 @@ class Volume:
         self.flush_seq = from_u64(seq[0]) if seq else 0
         gen = self._meta(GEN_KEY)
         self.gen = from_u64(gen[0]) if gen else 0
+        self._load_map()
         log.info("event=volume_opened volume=%s node=%s epoch=%d flush_seq=%d", self.info.name, self.node_id,
                  self.epoch, self.flush_seq)
         if background:
@@ -307,6 +317,7 @@ class Volume:
         for t in self._threads:
             t.join(timeout=5)
         self._closed = True
+        self._pool.shutdown(wait=False)
         if not self._fenced and self.epoch:
             kv_pb2 = _kv_pb2()
             try:
@@ -320,6 +331,7 @@ class Volume:
         self._stop.set()
         self._closed = True
         self.buffer.drop_all()
+        self._pool.shutdown(wait=False)
 
     # ---------------------------------------------------------------- the segment map
 
@@ -329,14 +341,43 @@ class Volume:
             return rec
         rec = []
         # Our own newest version visible at our generation; else, for a clone,
-        # the version its origin snapshot saw (and so on up the chain).
-        for store, gen in ((self.info.store, self.gen), *self.info.ancestors):
+        # the version its origin snapshot saw (and so on up the chain). When
+        # the whole map was loaded at open, a segment missing from it has no
+        # version of our own.
+        chain = ((self.info.store, self.gen), *self.info.ancestors)
+        if self._map_complete:
+            chain = self.info.ancestors
+        for store, gen in chain:
             rows, _cont = self.kv.scan(store, "segments", start=segment_key(seg, gen), end=u64(seg + 1), limit=1)
             if rows:
                 rec = ext.decode(rows[0][1])
                 break
         self._records[seg] = rec
         return rec
+
+    def _load_map(self) -> None:
+        """Read every segment record visible at our generation in one paged
+        scan (a few round trips instead of one per segment). Volumes with
+        more versions than MAP_PRELOAD_MAX are read lazily instead."""
+        latest: dict[int, tuple[int, bytes]] = {}
+        cont = b""
+        seen = 0
+        while True:
+            rows, cont = self.kv.scan(self.info.store, "segments", limit=1000, continuation=cont)
+            for key, value, _version in rows:
+                seg, gen = parse_segment_key(key)
+                seen += 1
+                if gen <= self.gen and (seg not in latest or gen > latest[seg][0]):
+                    latest[seg] = (gen, value)
+            if seen > MAP_PRELOAD_MAX:
+                return
+            if not cont:
+                break
+        with self._map_lock:
+            for seg, (_gen, value) in latest.items():
+                self._records[seg] = ext.decode(value)
+            self._map_complete = True
+        self.stats["map_preloaded"] = len(latest)
 
     # ---------------------------------------------------------------- reads
 
@@ -477,10 +518,10 @@ class Volume:
         self.stats["flush_ms_total"] += int((time.monotonic() - t0) * 1000)
 
     def _build(self, frozen: Any) -> dict[int, list[ext.Extent]]:
-        """New records for every frozen segment, with their blobs put (W of R)."""
-        changed: dict[int, list[ext.Extent]] = {}
+        """New records for every frozen segment, with their blobs put (W of R),
+        all segments' blobs in parallel."""
+        plans: dict[int, tuple[list[tuple[int, int]], list[tuple[int, bytes]]]] = {}
         for seg, pieces in sorted(frozen.segments.items()):
-            base = self._record(seg)
             holes: list[tuple[int, int]] = []
             runs: list[tuple[int, bytes]] = []
             for s_off, length, data in pieces:
@@ -490,13 +531,17 @@ class Volume:
                     holes_in, data_runs = _split_zero_runs(s_off, data)
                     holes.extend(holes_in)
                     runs.extend(data_runs)
-            rec = list(base)
+            plans[seg] = (holes, runs)
+        blobs = {seg: b"".join(d for _o, d in runs) for seg, (_h, runs) in plans.items() if runs}
+        hashes = dict(zip(blobs, self._pool.map(self.blobs.put, blobs.values()), strict=True))
+        changed: dict[int, list[ext.Extent]] = {}
+        for seg, (holes, runs) in plans.items():
+            rec = list(self._record(seg))
             for h_off, h_len in holes:
                 rec = ext.punch(rec, h_off, h_len)
             if runs:
-                blob = b"".join(d for _o, d in runs)
-                h = self.blobs.put(blob)
-                self.cache.prime(h, blob)
+                h = hashes[seg]
+                self.cache.prime(h, blobs[seg])
                 new: list[ext.Extent] = []
                 pos = 0
                 for r_off, d in runs:

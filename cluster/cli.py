@@ -175,6 +175,12 @@ def _cmd_bench_blob(args: argparse.Namespace) -> int:
     return 0 if rc is None else int(rc)
 
 
+def _cmd_bench_volume(args: argparse.Namespace) -> int:
+    bench = _import_optional("bench.volume", "the volume benchmark")
+    rc = bench.main(args)
+    return 0 if rc is None else int(rc)
+
+
 # ---------------------------------------------------------------- cluster
 
 
@@ -541,6 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=_positive_float, default=8.0, help="length of each phase (default 8)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_bench_blob)
+    p = bench_sub.add_parser("volume", help="a volume's write/flush/read performance, in-process (bench/volume.py)")
+    p.add_argument("--data-dir", default=".floe-bench-volume", metavar="DIR",
+                   help="the benchmark cluster's directory (default .floe-bench-volume; wiped first)")
+    p.add_argument("--seconds", type=_positive_float, default=10.0, help="length of each workload (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_bench_volume)
     return parser
 
 
