@@ -8,6 +8,8 @@ Layout (all in the tenant's namespace, so one tenant never sees another's):
       keyspace "meta":      b"epoch" -> owner epoch (u64 BE); changes only on takeover
                             b"lease" -> msgpack {"node", "epoch", "renewed"}
                             b"flush_seq" -> u64 BE, the last committed flush
+                            b"gen" -> u64 BE, the current generation (snapshots)
+                            b"allocated" -> u64 BE, bytes mapped at the head
       keyspace "segments":  segment index (u64 BE) + (2^64-1 - generation) (u64 BE)
                             -> segment record (blockdev/extents.py). Versioned by
                             generation so snapshots can keep old versions; a
@@ -47,6 +49,7 @@ EPOCH_KEY = b"epoch"
 LEASE_KEY = b"lease"
 FLUSH_SEQ_KEY = b"flush_seq"
 GEN_KEY = b"gen"
+ALLOCATED_KEY = b"allocated"  # bytes mapped at the head, written by every flush
 
 
 def u64(n: int) -> bytes:
@@ -203,6 +206,16 @@ class Registry:
     def clones_of(self, store: str) -> builtins.list[VolumeInfo]:
         """Volumes that read through `store` (clones of its snapshots, at any depth)."""
         return [v for v in self.list() if any(a == store for a, _g in v.ancestors)]
+
+    def usage(self) -> dict[str, int]:
+        """The tenant's pool: provisioned (sum of sizes) and allocated (sum of
+        each volume's mapped bytes as of its last flush)."""
+        provisioned = allocated = 0
+        for v in self.list():
+            provisioned += v.size
+            found = self.kv.get(v.store, "meta", ALLOCATED_KEY)
+            allocated += from_u64(found[0]) if found else 0
+        return {"provisioned": provisioned, "allocated": allocated}
 
     def delete(self, name: str) -> VolumeInfo:
         """Remove the volume: its name first, then its store. Its blobs are

@@ -50,8 +50,9 @@ from typing import Any, Protocol
 import msgpack
 
 from blockdev import extents as ext
-from blockdev.errors import Fenced, InvalidRequest, Miscompare, OutOfRange, Unavailable
+from blockdev.errors import Fenced, InvalidRequest, Miscompare, OutOfRange, SpaceExhausted, Unavailable
 from blockdev.registry import (
+    ALLOCATED_KEY,
     EPOCH_KEY,
     FLUSH_SEQ_KEY,
     GEN_KEY,
@@ -139,7 +140,8 @@ class Volume:
     def __init__(self, kv: Any, info: VolumeInfo, blobs: BlobTier, node_id: str, *, lease_s: float = 5.0,
                  high_water_bytes: int = 64 << 20, cache_bytes: int = 64 << 20,
                  flush_after_s: float = 5.0, flush_dirty_bytes: int = 16 << 20,
-                 snapshot_gen: int | None = None) -> None:
+                 snapshot_gen: int | None = None, soft_threshold_pct: float = 80.0,
+                 pool_hard_limit_bytes: int = 0, pool_allocated: Any = None) -> None:
         self.kv = kv
         self.info = info
         self.node_id = node_id
@@ -151,6 +153,7 @@ class Volume:
         self.gen = 0
         self.flush_seq = 0
         self._records: dict[int, list[ext.Extent]] = {}
+        self._pending_alloc_delta = 0
         self._map_complete = False  # every own record is in _records (loaded at open, kept by our flushes)
         self._map_lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -163,6 +166,14 @@ class Volume:
         self.flush_dirty_bytes = flush_dirty_bytes
         self._dirty_since: float | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        # Thin provisioning: bytes mapped at the head (holes excluded), the
+        # soft threshold (percent of the volume's size) and the pool's hard
+        # limit (0 = none) with a callable giving the pool's allocated bytes.
+        self.allocated = 0
+        self.soft_threshold_pct = soft_threshold_pct
+        self._soft_reported = False
+        self.pool_hard_limit_bytes = pool_hard_limit_bytes
+        self._pool_allocated = pool_allocated
         # Blob puts of one flush run in parallel (DESIGN.md §5).
         self._pool = ThreadPoolExecutor(max_workers=PUT_PARALLELISM, thread_name_prefix=f"vol-{info.name}-put")
         # A read-only view of a snapshot: reads at its generation, no lease, no writes.
@@ -377,6 +388,7 @@ class Volume:
             for seg, (_gen, value) in latest.items():
                 self._records[seg] = ext.decode(value)
             self._map_complete = True
+            self.allocated = sum(ext.allocated(r) for r in self._records.values())
         self.stats["map_preloaded"] = len(latest)
 
     # ---------------------------------------------------------------- reads
@@ -419,11 +431,38 @@ class Volume:
         if self.read_only:
             raise InvalidRequest(f"{self.info.name} is a snapshot view: read-only")
 
+    def _check_space(self, lba: int, count: int) -> None:
+        """Past the pool's hard limit, a write that would map new blocks fails
+        (SPACE ALLOCATION FAILED); overwrites of mapped blocks and reads go on."""
+        if not self.pool_hard_limit_bytes or self._pool_allocated is None:
+            return
+        if int(self._pool_allocated()) + self.buffer.dirty_bytes < self.pool_hard_limit_bytes:
+            return
+        pos, end = lba, lba + count
+        while pos < end:
+            start, run, mapped = self.lba_status(pos)
+            if not mapped:
+                raise SpaceExhausted(f"the pool is at its hard limit of {self.pool_hard_limit_bytes} bytes; "
+                                     f"block {pos} of {self.info.name} is not allocated")
+            pos = start + max(run, 1)
+
+    def soft_threshold_event(self) -> bool:
+        """True once when the volume's mapped bytes pass its soft threshold
+        (the target turns it into the thin-provisioning UNIT ATTENTION)."""
+        over = self.allocated * 100 >= self.soft_threshold_pct * self.info.size
+        if over and not self._soft_reported:
+            self._soft_reported = True
+            return True
+        if not over:
+            self._soft_reported = False
+        return False
+
     def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
         self._check_writable()
         if len(data) % self.block_size:
             raise InvalidRequest(f"write of {len(data)} bytes is not whole {self.block_size}-byte blocks")
         off, _ = self._range(lba, len(data) // self.block_size)
+        self._check_space(lba, len(data) // self.block_size)
         with self._write_lock:
             self.buffer.write(off, bytes(data))
         self.stats["writes"] += 1
@@ -512,6 +551,7 @@ class Volume:
                 raise Unavailable(f"flush of {self.info.name} failed, data kept buffered: "
                                   f"{type(e).__name__}: {e}") from e
             with self._map_lock:
+                self.allocated += self._pending_alloc_delta
                 self._records.update(changed)
                 self.buffer.release_frozen(frozen)
         self.stats["flushes"] += 1
@@ -596,6 +636,10 @@ class Volume:
         seq = self.flush_seq + 1
         log_entry = msgpack.packb({"segments": sorted(changed), "gen": self.gen, "epoch": self.epoch})
         batches[-1].append(kv_pb2.Mutation(keyspace="meta", key=FLUSH_SEQ_KEY, put=u64(seq)))
+        self._pending_alloc_delta = sum(ext.allocated(rec) - ext.allocated(self._record(seg))
+                                        for seg, rec in changed.items())
+        batches[-1].append(kv_pb2.Mutation(keyspace="meta", key=ALLOCATED_KEY,
+                                           put=u64(max(0, self.allocated + self._pending_alloc_delta))))
         batches[-1].append(kv_pb2.Mutation(keyspace="changelog", key=u64(seq), put=log_entry))
         for muts in batches:
             try:

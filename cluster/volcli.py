@@ -129,20 +129,23 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     from blockdev.registry import Registry
 
-    vols = Registry(_kv(args)).list()
+    reg = Registry(_kv(args))
+    vols = reg.list()
+    pool = reg.usage()
     if args.json:
-        _out(args, {"volumes": [v.to_json() for v in vols]}, "")
+        _out(args, {"volumes": [v.to_json() for v in vols], "pool": pool}, "")
     elif not vols:
         print("(no volumes)")
     else:
         print(f"{'NAME':<24} {'SIZE':>8} {'BLOCK':>6}  ID")
         for v in vols:
             print(f"{v.name:<24} {human(v.size):>8} {v.block_size:>6}  {v.id}")
+        print(f"\npool: {human(pool['provisioned'])} provisioned, {pool['allocated']} bytes allocated")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from blockdev.registry import FLUSH_SEQ_KEY, LEASE_KEY, Registry, from_u64
+    from blockdev.registry import ALLOCATED_KEY, FLUSH_SEQ_KEY, LEASE_KEY, Registry, from_u64
 
     kv = _kv(args)
     info = Registry(kv).get(args.name)
@@ -153,9 +156,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     d["owner"] = msgpack.unpackb(lease[0], raw=False) if lease else None
     d["flush_seq"] = from_u64(seq[0]) if seq else 0
+    alloc = kv.get(info.store, "meta", ALLOCATED_KEY)
+    d["allocated"] = from_u64(alloc[0]) if alloc else 0
     owner = f"{d['owner']['node']} (epoch {d['owner']['epoch']})" if d["owner"] else "none"
     _out(args, d, f"volume {info.name}\n  id          {info.id}\n  size        {human(info.size)} ({info.size} bytes)"
-                  f"\n  block size  {info.block_size}\n  owner       {owner}\n  flushes     {d['flush_seq']}")
+                  f"\n  block size  {info.block_size}\n  allocated   {d['allocated']} bytes (as of the last flush)"
+                  f"\n  owner       {owner}\n  flushes     {d['flush_seq']}")
     return 0
 
 

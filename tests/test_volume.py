@@ -390,3 +390,35 @@ def test_deleting_a_snapshot_prunes_only_versions_no_one_sees():
     c.write(2, b"c" * BS)
     c.flush()
     assert view("s2") == states[2] and v.read(0, BLOCKS) == head  # the clone's writes go nowhere else
+
+
+def test_thin_accounting_soft_threshold_and_hard_limit():
+    from blockdev.errors import SpaceExhausted
+
+    kv, blobs = MemKV(), MemBlobs()
+    reg = Registry(kv)
+    info = reg.create("thin", 1 << 20, BS)
+    pool = {"used": 0}
+    v = Volume(kv, info, blobs, "n1", lease_s=LEASE_S, soft_threshold_pct=50, pool_hard_limit_bytes=768 << 10,
+               pool_allocated=lambda: pool["used"])
+    v.open(background=False)
+    assert v.allocated == 0 and reg.usage() == {"provisioned": 1 << 20, "allocated": 0}
+    v.write(0, os.urandom(256 << 10))
+    v.write(1024, bytes(128 << 10))  # zeros: allocate nothing
+    v.flush()
+    assert v.allocated == 256 << 10 and not v.soft_threshold_event()
+    assert reg.usage()["allocated"] == 256 << 10
+    v.write(512, os.urandom(300 << 10))
+    v.flush()
+    assert v.soft_threshold_event() and not v.soft_threshold_event()  # once per crossing
+    pool["used"] = v.allocated + (300 << 10)  # the pool (other volumes too) passed the hard limit
+    with pytest.raises(SpaceExhausted):
+        v.write(1500, os.urandom(BS))  # a new block: refused
+    v.write(0, os.urandom(BS))  # an overwrite of a mapped block: allowed
+    assert len(v.read(0, 2048)) == 1 << 20  # everything stays readable
+    v.unmap([(0, 512)])
+    v.flush()
+    assert v.allocated == 300 << 10
+    v.crash()
+    w = open_volume(kv, blobs, "n2", "thin")
+    assert w.allocated == 300 << 10  # recomputed from the map at open

@@ -183,7 +183,11 @@ def test_volume_cli_create_import_export_round_trip(cluster_dir, tmp_path):
     r = floe("volume", "ls", "--json", *d)
     assert sorted(v["name"] for v in json.loads(r.stdout)["volumes"]) == ["disk", "img"]
     r = floe("volume", "show", "img", "--json", *d)
-    assert json.loads(r.stdout)["flush_seq"] >= 1
+    shown = json.loads(r.stdout)
+    assert shown["flush_seq"] >= 1
+    assert shown["allocated"] == 16 << 20  # 24 MiB of data less the 8 MiB zero run: thin
+    r = floe("volume", "ls", "--json", *d)
+    assert json.loads(r.stdout)["pool"] == {"provisioned": 128 << 20, "allocated": 16 << 20}
     # Snapshot, overwrite, clone, export the snapshot and the clone.
     assert floe("volume", "import", "img", str(tmp_path / "out.raw"), *d).returncode == 0  # no-op rewrite
     r = floe("snapshot", "create", "img", "before", "--json", *d)
