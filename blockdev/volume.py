@@ -31,6 +31,11 @@ several fenced batches, in segment order, and is acknowledged after the last;
 a crash between them leaves some blocks at a later written value, which §2
 point 4 allows.)
 
+Compaction. A flush rewrites a segment whose record would pass EXTENTS_MAX
+as one blob; when the volume has been idle (no dirty data) for
+compact_idle_s, the flusher also rewrites cold segments with more than
+COMPACT_MIN_EXTENTS extents, 32 at a time, committed like a flush.
+
 Reads take, under the map lock, the committed segment records and the
 buffer's overlay (frozen, then live) in one consistent view, then fetch only
 the blob ranges they need, outside the lock, through a bounded cache of
@@ -74,6 +79,10 @@ SEG = ext.SEGMENT_BYTES
 RECORD_BYTES_PER_BATCH = 32 * 1024
 MUTATIONS_PER_BATCH = 200
 ZERO_CHUNK = 4096
+# The background compactor rewrites idle segments with more extents than this.
+COMPACT_MIN_EXTENTS = 16
+# ... once the volume has had no dirty data for this long.
+COMPACT_IDLE_S = 30.0
 # A volume whose segments keyspace holds more versions than this is read lazily.
 MAP_PRELOAD_MAX = 200_000
 # Blob puts in flight per flush.
@@ -141,7 +150,8 @@ class Volume:
                  high_water_bytes: int = 64 << 20, cache_bytes: int = 64 << 20,
                  flush_after_s: float = 5.0, flush_dirty_bytes: int = 16 << 20,
                  snapshot_gen: int | None = None, soft_threshold_pct: float = 80.0,
-                 pool_hard_limit_bytes: int = 0, pool_allocated: Any = None) -> None:
+                 pool_hard_limit_bytes: int = 0, pool_allocated: Any = None,
+                 compact_idle_s: float = COMPACT_IDLE_S) -> None:
         self.kv = kv
         self.info = info
         self.node_id = node_id
@@ -154,6 +164,9 @@ class Volume:
         self.flush_seq = 0
         self._records: dict[int, list[ext.Extent]] = {}
         self._pending_alloc_delta = 0
+        self._last_flush = time.monotonic()
+        self._compacted_since_flush = False
+        self.compact_idle_s = compact_idle_s
         self._map_complete = False  # every own record is in _records (loaded at open, kept by our flushes)
         self._map_lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -307,6 +320,16 @@ class Volume:
             dirty = self.buffer.dirty_bytes
             if not dirty:
                 self._dirty_since = None
+                idle_for = time.monotonic() - self._last_flush
+                if idle_for >= self.compact_idle_s and not self._compacted_since_flush:
+                    try:
+                        if self.compact_cold() == 0:
+                            self._compacted_since_flush = True
+                    except Fenced:
+                        return
+                    except Exception as e:  # noqa: BLE001 - a later idle period tries again
+                        log.warning("event=compaction_failed volume=%s error=%s", self.info.name, e)
+                        self._compacted_since_flush = True
                 continue
             if self._dirty_since is None:
                 self._dirty_since = time.monotonic()
@@ -554,6 +577,8 @@ class Volume:
                 self.allocated += self._pending_alloc_delta
                 self._records.update(changed)
                 self.buffer.release_frozen(frozen)
+        self._last_flush = time.monotonic()
+        self._compacted_since_flush = False
         self.stats["flushes"] += 1
         self.stats["flush_ms_total"] += int((time.monotonic() - t0) * 1000)
 
@@ -653,6 +678,30 @@ class Volume:
         self.flush_seq = seq
         self.stats["flush_commits"] += len(batches)
         return True
+
+    # ---------------------------------------------------------------- compaction
+
+    def compact_cold(self, min_extents: int = COMPACT_MIN_EXTENTS, max_segments: int = 32) -> int:
+        """Rewrite up to `max_segments` cold fragmented segments (more than
+        `min_extents` extents, nothing of them buffered) as one blob each, and
+        commit the new records like a flush (fenced). Returns how many."""
+        self._check_writable()
+        with self._flush_lock:
+            self._check_serving()
+            dirty = set(self.buffer.dirty_segments())
+            with self._map_lock:
+                todo = [seg for seg, rec in self._records.items()
+                        if len(rec) > min_extents and seg not in dirty][:max_segments]
+            if not todo:
+                return 0
+            changed = {seg: self._rewrite_whole(seg, self._records[seg]) for seg in todo}
+            self._commit(changed)
+            with self._map_lock:
+                self.allocated += self._pending_alloc_delta
+                self._records.update(changed)
+        self.stats["segments_compacted"] += len(todo)
+        log.info("event=segments_compacted volume=%s count=%d", self.info.name, len(todo))
+        return len(todo)
 
     # ---------------------------------------------------------------- snapshots
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -422,3 +423,26 @@ def test_thin_accounting_soft_threshold_and_hard_limit():
     v.crash()
     w = open_volume(kv, blobs, "n2", "thin")
     assert w.allocated == 300 << 10  # recomputed from the map at open
+
+
+def test_idle_volume_compacts_cold_fragmented_segments():
+    kv, blobs = MemKV(), MemBlobs()
+    info = Registry(kv).create("frag", 2 << 20, BS)
+    v = Volume(kv, info, blobs, "n1", lease_s=5.0, compact_idle_s=0.2, flush_after_s=3600)
+    v.open(background=True)
+    expect = bytearray(2 << 20)
+    for i in range(40):  # 40 flushes of scattered blocks: ~40 extents in segment 0
+        lba = (i * 53) % 2000
+        data = bytes([i + 1]) * BS
+        v.write(lba, data)
+        expect[lba * BS:(lba + 1) * BS] = data
+        v.flush()
+    assert len(v._records[0]) > 16
+    deadline = time.monotonic() + 10
+    while v.stats["segments_compacted"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert v.stats["segments_compacted"] == 1 and len(v._records[0]) == 1
+    assert v.read(0, 4096) == bytes(expect)
+    v.crash()
+    w = open_volume(kv, blobs, "n2", "frag")
+    assert len(w._records[0]) == 1 and w.read(0, 4096) == bytes(expect)
