@@ -119,17 +119,11 @@ class BlobCache:
                 return data[offset:offset + length]
         self.misses += 1
         data = self.tier.get(h, 0, 0)  # whole blob: verified end to end, cached for neighbours
-        with self._lock:
-            if h not in self._lru and len(data) <= self.max_bytes // 4:
-                self._lru[h] = data
-                self._bytes += len(data)
-                while self._bytes > self.max_bytes:
-                    _, old = self._lru.popitem(last=False)
-                    self._bytes -= len(old)
+        self.prime(h, data)
         return data[offset:offset + length]
 
     def prime(self, h: bytes, data: bytes) -> None:
-        """A blob this node just wrote: cache it, reads of fresh data are local."""
+        """Cache a blob (one just read, or one this node just wrote, so reads of fresh data are local)."""
         with self._lock:
             if h not in self._lru and len(data) <= self.max_bytes // 4:
                 self._lru[h] = data
