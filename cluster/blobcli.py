@@ -193,18 +193,24 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_target_args(p: argparse.ArgumentParser, default_data_dir: str, server_arg: Callable[[str], str],
+                    token_env: str) -> None:
+    """--json and the cluster to talk to (--data-dir or --server), shared by `floe blob` and `floe volume`."""
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--data-dir", default=default_data_dir, metavar="DIR",
+                        help=f"use the local cluster in DIR (default {default_data_dir})")
+    target.add_argument("--server", action="append", type=server_arg, metavar="HOST:PORT",
+                        help=f"a node's API address (repeatable); needs --token or {token_env}")
+
+
 def add_parser(top: Any, server_arg: Callable[[str], str], positive_float: Callable[[str], float],
                default_data_dir: str) -> None:
     blob = top.add_parser("blob", help="the object tier: put, get, stat, scrub, gc")
     sub = blob.add_subparsers(dest="blob_command", required=True, metavar="ACTION")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        target = p.add_mutually_exclusive_group()
-        target.add_argument("--data-dir", default=default_data_dir, metavar="DIR",
-                            help=f"use the local cluster in DIR (default {default_data_dir})")
-        target.add_argument("--server", action="append", type=server_arg, metavar="HOST:PORT",
-                            help=f"a node's API address (repeatable); needs --token or {ADMIN_TOKEN_ENV}")
+        add_target_args(p, default_data_dir, server_arg, ADMIN_TOKEN_ENV)
         p.add_argument("--blob-server", action="append", type=server_arg, metavar="HOST:PORT",
                        help="a node's blob address, when not API port + 500")
         p.add_argument("--token", default=None, help="the cluster's admin token")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cluster import launcher
-from cluster.blobcli import ADMIN_TOKEN_ENV
+from cluster.blobcli import ADMIN_TOKEN_ENV, add_target_args
 from cluster.config import BLOB_PORT_OFFSET
 from cluster.config import load as load_node_config
 
@@ -336,12 +336,7 @@ def add_parser(top: Any, server_arg: Callable[[str], str], positive_float: Calla
     sub = vol.add_subparsers(dest="volume_command", required=True, metavar="ACTION")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        target = p.add_mutually_exclusive_group()
-        target.add_argument("--data-dir", default=default_data_dir, metavar="DIR",
-                            help=f"use the local cluster in DIR (default {default_data_dir})")
-        target.add_argument("--server", action="append", type=server_arg, metavar="HOST:PORT",
-                            help=f"a node's API address (repeatable); needs --token or {TOKEN_ENV}")
+        add_target_args(p, default_data_dir, server_arg, TOKEN_ENV)
         p.add_argument("--token", default=None, help="the tenant's token")
         p.add_argument("--tenant", default=None, help="with --data-dir: act as this tenant of the cluster")
         p.add_argument("--timeout", type=positive_float, default=30.0, metavar="SECONDS",
