@@ -28,8 +28,11 @@ import shutil
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any, TextIO
+
+import tomli_w
 
 from cluster import launcher
 
@@ -123,14 +126,10 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     data_dir = Path(args.data_dir).resolve()
     if data_dir.exists():
-        launcher.down(data_dir, stop_wait_s=5) if launcher.layout_exists(data_dir) else None
+        if launcher.layout_exists(data_dir):
+            launcher.down(data_dir, stop_wait_s=5)
         shutil.rmtree(data_dir)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     launcher.ensure_layout(data_dir, 3, RAFT_PORT, API_PORT)
-    import tomllib
-
-    import tomli_w
-
     layout = launcher.load_layout(data_dir)
     for node in layout.nodes:  # background repair/scrub off: measure the data path only
         doc = tomllib.loads(node.config_path.read_text())

@@ -26,20 +26,19 @@ class ClientBlobs:
     def _call(self, fn: Callable[[Any], T]) -> T:
         with self._lock:
             start = self._first
-        last: Exception | None = None
+        errors: list[str] = []
         for i in range(len(self.clients)):
             k = (start + i) % len(self.clients)
             try:
                 out = fn(self.clients[k])
             except ReplicaUnavailable as e:
-                last = e
+                errors.append(str(e))
                 continue
             if k != start:
                 with self._lock:
                     self._first = k
             return out
-        assert last is not None
-        raise last
+        raise ReplicaUnavailable("no blob service answered: " + "; ".join(errors))
 
     def put(self, data: bytes) -> bytes:
         return self._call(lambda c: bytes(c.put(data, replicate=True).hash))

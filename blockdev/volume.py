@@ -157,7 +157,6 @@ class Volume:
         self.gen = 0
         self.flush_seq = 0
         self._records: dict[int, list[ext.Extent]] = {}
-        self._pending_alloc_delta = 0
         self._last_flush = time.monotonic()
         self._compacted_since_flush = False
         self.compact_idle_s = compact_idle_s
@@ -557,7 +556,7 @@ class Volume:
                 return
             try:
                 changed = self._build(frozen)
-                self._commit(changed)
+                alloc_delta = self._commit(changed)
             except Fenced:
                 raise
             except Exception as e:
@@ -568,7 +567,7 @@ class Volume:
                 raise Unavailable(f"flush of {self.info.name} failed, data kept buffered: "
                                   f"{type(e).__name__}: {e}") from e
             with self._map_lock:
-                self.allocated += self._pending_alloc_delta
+                self.allocated += alloc_delta
                 self._records.update(changed)
                 self.buffer.release_frozen(frozen)
         self._last_flush = time.monotonic()
@@ -630,17 +629,19 @@ class Volume:
         self.stats["segments_rewritten"] += 1
         return [ext.Extent(first, len(blob), h, 0)]
 
-    def _commit(self, changed: dict[int, list[ext.Extent]]) -> None:
+    def _commit(self, changed: dict[int, list[ext.Extent]]) -> int:
+        """Commit the changed records (fenced); returns the change in mapped bytes."""
+        alloc_delta = sum(ext.allocated(rec) - ext.allocated(self._record(seg)) for seg, rec in changed.items())
         for _attempt in range(5):
-            if self._commit_at_gen(changed):
-                return
+            if self._commit_at_gen(changed, self.allocated + alloc_delta):
+                return alloc_delta
             # A snapshot moved the volume to a new generation: the same records
             # go in at the new generation, leaving the snapshot's versions be.
             found = self._meta(GEN_KEY)
             self.gen = from_u64(found[0]) if found else 0
         raise Unavailable(f"flush of {self.info.name}: the generation kept changing")
 
-    def _commit_at_gen(self, changed: dict[int, list[ext.Extent]]) -> bool:
+    def _commit_at_gen(self, changed: dict[int, list[ext.Extent]], allocated: int) -> bool:
         kv_pb2 = _kv_pb2()
         fence = [self._epoch_condition(), kv_pb2.Condition(keyspace="meta", key=GEN_KEY, value_equals=u64(self.gen))]
         batches: list[list[Any]] = [[]]
@@ -655,10 +656,7 @@ class Volume:
         seq = self.flush_seq + 1
         log_entry = msgpack.packb({"segments": sorted(changed), "gen": self.gen, "epoch": self.epoch})
         batches[-1].append(kv_pb2.Mutation(keyspace="meta", key=FLUSH_SEQ_KEY, put=u64(seq)))
-        self._pending_alloc_delta = sum(ext.allocated(rec) - ext.allocated(self._record(seg))
-                                        for seg, rec in changed.items())
-        batches[-1].append(kv_pb2.Mutation(keyspace="meta", key=ALLOCATED_KEY,
-                                           put=u64(max(0, self.allocated + self._pending_alloc_delta))))
+        batches[-1].append(kv_pb2.Mutation(keyspace="meta", key=ALLOCATED_KEY, put=u64(max(0, allocated))))
         batches[-1].append(kv_pb2.Mutation(keyspace="changelog", key=u64(seq), put=log_entry))
         for muts in batches:
             try:
@@ -689,9 +687,9 @@ class Volume:
             if not todo:
                 return 0
             changed = {seg: self._rewrite_whole(seg, self._records[seg]) for seg in todo}
-            self._commit(changed)
+            alloc_delta = self._commit(changed)
             with self._map_lock:
-                self.allocated += self._pending_alloc_delta
+                self.allocated += alloc_delta
                 self._records.update(changed)
         self.stats["segments_compacted"] += len(todo)
         log.info("event=segments_compacted volume=%s count=%d", self.info.name, len(todo))
@@ -714,29 +712,21 @@ class Volume:
 
 
 def _split_zero_runs(s_off: int, data: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, bytes]]]:
-    """Split a dirty run into holes (all-zero, ZERO_CHUNK-aligned chunks) and data runs."""
+    """Split a dirty run into holes (all-zero ZERO_CHUNK pieces, counted from
+    the run's start) and data runs; neighbouring pieces of a kind merge."""
     if not any(data):
         return [(s_off, len(data))], []
     if len(data) < 2 * ZERO_CHUNK:
         return [], [(s_off, data)]
-    holes: list[tuple[int, int]] = []
-    runs: list[tuple[int, bytes]] = []
     zero = bytes(ZERO_CHUNK)
-    start = 0
-    i = 0
-    while i < len(data):
-        chunk = data[i:i + ZERO_CHUNK]
-        if chunk == zero[:len(chunk)]:
-            if start < i:
-                runs.append((s_off + start, data[start:i]))
-            j = i
-            while j < len(data) and data[j:j + ZERO_CHUNK] == zero[:len(data[j:j + ZERO_CHUNK])]:
-                j += ZERO_CHUNK
-            j = min(j, len(data))
-            holes.append((s_off + i, j - i))
-            start = i = j
+    kinds: list[tuple[bool, int, int]] = []  # (is zero, start, end) within data
+    for i in range(0, len(data), ZERO_CHUNK):
+        j = min(i + ZERO_CHUNK, len(data))
+        is_zero = data[i:j] == zero[:j - i]
+        if kinds and kinds[-1][0] == is_zero:
+            kinds[-1] = (is_zero, kinds[-1][1], j)
         else:
-            i += ZERO_CHUNK
-    if start < len(data):
-        runs.append((s_off + start, data[start:]))
+            kinds.append((is_zero, i, j))
+    holes = [(s_off + a, b - a) for z, a, b in kinds if z]
+    runs = [(s_off + a, data[a:b]) for z, a, b in kinds if not z]
     return holes, runs

@@ -112,10 +112,6 @@ class ObjectTier:
         self.store.close()
 
 
-def start_object_tier(cfg: cfgmod.NodeConfig, raft: RaftNode, state: KVState) -> ObjectTier:
-    return ObjectTier(cfg, raft, state)
-
-
 def main(config_path: str) -> int:
     cfg = cfgmod.load(config_path)
     setup_logging(cfg.node_id, cfg.log_level)
@@ -130,7 +126,7 @@ def main(config_path: str) -> int:
         tenants[cfg.admin_token] = SYSTEM_TENANT
     service = KVService(raft, state, tenants, api_of_raft, cfg.node_id)
     server = serve(service, cfg.api_address)
-    blobs = start_object_tier(cfg, raft, state) if cfg.admin_token else None
+    blobs = ObjectTier(cfg, raft, state) if cfg.admin_token else None
     if blobs is None:
         log.error("event=blob_service_disabled reason=no_admin_token "
                   "hint='set admin_token in the node config (the same on every node)'")

@@ -276,12 +276,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_snapshot_create(args: argparse.Namespace) -> int:
-    from blockdev import snapshots
+def _volume(args: argparse.Namespace, name: str) -> tuple[Any, Any, Any]:
+    """(KV client, registry, VolumeInfo of `name`)."""
     from blockdev.registry import Registry
 
     kv = _kv(args)
-    info = Registry(kv).get(args.volume)
+    reg = Registry(kv)
+    return kv, reg, reg.get(name)
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    from blockdev import snapshots
+
+    kv, _reg, info = _volume(args, args.volume)
     gen = snapshots.create(kv, info, args.name)
     _out(args, {"volume": info.name, "snapshot": args.name, "gen": gen},
          f"created snapshot {info.name}@{args.name} (it holds what the volume's owner has flushed)")
@@ -290,10 +297,8 @@ def cmd_snapshot_create(args: argparse.Namespace) -> int:
 
 def cmd_snapshot_ls(args: argparse.Namespace) -> int:
     from blockdev import snapshots
-    from blockdev.registry import Registry
 
-    kv = _kv(args)
-    info = Registry(kv).get(args.volume)
+    kv, _reg, info = _volume(args, args.volume)
     snaps = snapshots.list_(kv, info)
     if args.json:
         _out(args, {"volume": info.name, "snapshots": snaps}, "")
@@ -307,11 +312,8 @@ def cmd_snapshot_ls(args: argparse.Namespace) -> int:
 
 def cmd_snapshot_rm(args: argparse.Namespace) -> int:
     from blockdev import snapshots
-    from blockdev.registry import Registry
 
-    kv = _kv(args)
-    reg = Registry(kv)
-    info = reg.get(args.volume)
+    kv, reg, info = _volume(args, args.volume)
     pruned = snapshots.delete(kv, reg, info, args.name)
     _out(args, {"volume": info.name, "snapshot": args.name, "deleted": True, "records_pruned": pruned},
          f"removed snapshot {info.name}@{args.name} ({pruned} record versions pruned; blobs go at the next GC)")
@@ -320,12 +322,10 @@ def cmd_snapshot_rm(args: argparse.Namespace) -> int:
 
 def cmd_clone(args: argparse.Namespace) -> int:
     from blockdev import snapshots
-    from blockdev.registry import Registry
 
     vol, snap = _split_at(args.source)
-    kv = _kv(args)
-    reg = Registry(kv)
-    info = snapshots.clone(kv, reg, reg.get(vol), snap, args.new_name)
+    kv, reg, origin = _volume(args, vol)
+    info = snapshots.clone(kv, reg, origin, snap, args.new_name)
     _out(args, info.to_json(), f"created volume {info.name}, a clone of {vol}@{snap} (no data copied)")
     return 0
 

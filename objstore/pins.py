@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from kv.errors import AlreadyExists, NotFound
+from kv.errors import AlreadyExists
 from objstore.api import check_hash
 
 STORE = "blob-pins"
@@ -43,14 +43,11 @@ class KVPins:
         self._ensure()
         self._kv.put(STORE, KEYSPACE, h, b"")
 
-    def unpin(self, h: bytes) -> bool:
+    def unpin(self, h: bytes) -> None:
+        """Idempotent: unpinning a blob that is not pinned does nothing."""
         check_hash(h)
         self._ensure()
-        try:
-            self._kv.delete(STORE, KEYSPACE, h)
-        except NotFound:
-            return False
-        return True
+        self._kv.delete(STORE, KEYSPACE, h)
 
     def live_blobs(self) -> Iterator[bytes]:
         self._ensure()
