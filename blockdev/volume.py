@@ -20,16 +20,22 @@ arrives while another runs waits, then covers what came after): freeze the
 buffer; per dirty segment, build one blob from its dirty runs (a segment whose
 record would pass EXTENTS_MAX is rewritten whole, as one blob; all-zero runs
 become holes), put the blobs to the object tier (W=2 of R=3 fsynced), then
-commit ONE conditional KV batch: every changed segment record, flush_seq+1
-and a changelog entry, applied only if meta/epoch still holds our epoch. Only
-then is the frozen buffer released and the flush acknowledged. If a put or
-the commit fails the frozen data goes back under the live buffer and the
-flush reports Unavailable: nothing is reported durable that is not. A failed
-epoch condition means fenced: the buffer is dropped, Fenced is raised. (A
-flush with more changed records than fit one Raft entry commits them in
-several fenced batches, in segment order, and is acknowledged after the last;
-a crash between them leaves some blocks at a later written value, which §2
-point 4 allows.)
+commit ONE conditional KV batch (one Raft entry): every changed segment
+record, flush_seq+1 and a changelog entry, applied only if meta/epoch still
+holds our epoch. Only then is the frozen buffer released and the flush
+acknowledged. If a put or the commit fails the frozen data goes back under the
+live buffer and the flush reports Unavailable: nothing is reported durable
+that is not. A failed epoch condition means fenced: the buffer is dropped,
+Fenced is raised.
+
+Why one batch always suffices: the buffer never holds more than
+max_dirty_segments dirty segments (blockdev/wbuffer.py), so a flush changes at
+most that many records, and the batch has room for them (kv/limits.py
+BATCH_OPS_MAX); and if the records together pass RECORD_BYTES_PER_FLUSH (many
+fragmented segments), the largest are rewritten whole as one extent each
+until they fit, which a one-extent record per segment always does. A record
+that comes out equal to the stored one (a hole punched where nothing was
+stored) is not written again.
 
 Compaction. A flush rewrites a segment whose record would pass EXTENTS_MAX
 as one blob; when the volume has been idle (no dirty data) for
@@ -55,6 +61,7 @@ from typing import Any, Protocol
 import msgpack
 
 from blockdev import extents as ext
+from blockdev import wbuffer
 from blockdev.errors import Fenced, InvalidRequest, Miscompare, OutOfRange, SpaceExhausted, Unavailable
 from blockdev.registry import (
     ALLOCATED_KEY,
@@ -69,15 +76,21 @@ from blockdev.registry import (
     u64,
 )
 from blockdev.wbuffer import WriteBuffer
+from kv import limits
 from kv.errors import KVError
 
 log = logging.getLogger("floe.volume")
 
 SEG = ext.SEGMENT_BYTES
-# Records per KV batch: a fragmented record is at most EXTENTS_MAX extents of
-# ~60 bytes; this keeps one batch well under the 48 KiB Raft entry limit.
-RECORD_BYTES_PER_BATCH = 32 * 1024
-MUTATIONS_PER_BATCH = 200
+# Segment records (keys and values) of one flush's commit at most: with the
+# fence, the bookkeeping and the envelope the batch stays well under the 48 KiB
+# Raft entry limit (kv/limits.py COMMAND_BYTES_MAX). A one-extent record with
+# its key and mutation envelope takes about 100 bytes, so max_dirty_segments
+# (240) records of one extent each take about 24 KiB: shrinking always works.
+RECORD_BYTES_PER_FLUSH = 36 * 1024
+# Operations of a flush's batch besides the records: epoch and generation
+# conditions, flush_seq, allocated bytes and the changelog entry.
+FLUSH_FIXED_OPS = 5
 ZERO_CHUNK = 4096
 # The background compactor rewrites idle segments with more extents than this.
 COMPACT_MIN_EXTENTS = 16
@@ -145,14 +158,18 @@ class Volume:
                  flush_after_s: float = 5.0, flush_dirty_bytes: int = 16 << 20,
                  snapshot_gen: int | None = None, soft_threshold_pct: float = 80.0,
                  pool_hard_limit_bytes: int = 0, pool_allocated: Any = None,
-                 compact_idle_s: float = COMPACT_IDLE_S) -> None:
+                 compact_idle_s: float = COMPACT_IDLE_S,
+                 max_dirty_segments: int = wbuffer.MAX_SEGMENTS_DEFAULT) -> None:
         self.kv = kv
         self.info = info
         self.node_id = node_id
         self.lease_s = lease_s
         self.cache = BlobCache(blobs, cache_bytes)
         self.blobs = blobs
-        self.buffer = WriteBuffer(high_water_bytes=high_water_bytes)
+        if not 0 < max_dirty_segments <= limits.BATCH_OPS_MAX - FLUSH_FIXED_OPS:
+            raise ValueError(f"max_dirty_segments {max_dirty_segments} must be in "
+                             f"[1, {limits.BATCH_OPS_MAX - FLUSH_FIXED_OPS}]: one flush is one KV batch")
+        self.buffer = WriteBuffer(high_water_bytes=high_water_bytes, max_segments=max_dirty_segments)
         self.epoch = 0
         self.gen = 0
         self.flush_seq = 0
@@ -608,7 +625,25 @@ class Volume:
                 rec = ext.overlay(rec, new)
             if ext.fragmented(rec):
                 rec = self._rewrite_whole(seg, rec)
-            changed[seg] = rec
+            if rec != self._record(seg):
+                changed[seg] = rec
+        return self._fit_one_batch(changed)
+
+    def _fit_one_batch(self, changed: dict[int, list[ext.Extent]]) -> dict[int, list[ext.Extent]]:
+        """Rewrite the largest records whole (one extent each, in parallel) until
+        all of them fit RECORD_BYTES_PER_FLUSH (module doc: one Raft command)."""
+        sizes = {seg: _record_bytes(seg, rec) for seg, rec in changed.items()}
+        total = sum(sizes.values())
+        todo: list[int] = []
+        for seg in sorted(sizes, key=lambda sg: -sizes[sg]):
+            if total <= RECORD_BYTES_PER_FLUSH or len(changed[seg]) <= 1:
+                break
+            todo.append(seg)
+            total -= sizes[seg] - _record_bytes(seg, [ext.Extent(0, SEG, bytes(32), 0)])
+        if todo:
+            rewritten = self._pool.map(lambda sg: self._rewrite_whole(sg, changed[sg]), todo)
+            changed.update(zip(todo, rewritten, strict=True))
+            self.stats["segments_rewritten_to_fit"] += len(todo)
         return changed
 
     def _rewrite_whole(self, seg: int, rec: list[ext.Extent]) -> list[ext.Extent]:
@@ -642,33 +677,32 @@ class Volume:
         raise Unavailable(f"flush of {self.info.name}: the generation kept changing")
 
     def _commit_at_gen(self, changed: dict[int, list[ext.Extent]], allocated: int) -> bool:
+        """ONE fenced KV batch (one Raft entry) with every changed record (module doc)."""
         kv_pb2 = _kv_pb2()
         fence = [self._epoch_condition(), kv_pb2.Condition(keyspace="meta", key=GEN_KEY, value_equals=u64(self.gen))]
-        batches: list[list[Any]] = [[]]
-        size = 0
-        for seg, rec in sorted(changed.items()):
-            raw = ext.encode(rec)
-            if batches[-1] and (size + len(raw) > RECORD_BYTES_PER_BATCH or len(batches[-1]) >= MUTATIONS_PER_BATCH):
-                batches.append([])
-                size = 0
-            batches[-1].append(kv_pb2.Mutation(keyspace="segments", key=segment_key(seg, self.gen), put=raw))
-            size += len(raw)
+        muts = [kv_pb2.Mutation(keyspace="segments", key=segment_key(seg, self.gen), put=ext.encode(rec))
+                for seg, rec in sorted(changed.items())]
+        record_bytes = sum(_record_bytes(seg, rec) for seg, rec in changed.items())
         seq = self.flush_seq + 1
         log_entry = msgpack.packb({"segments": sorted(changed), "gen": self.gen, "epoch": self.epoch})
-        batches[-1].append(kv_pb2.Mutation(keyspace="meta", key=FLUSH_SEQ_KEY, put=u64(seq)))
-        batches[-1].append(kv_pb2.Mutation(keyspace="meta", key=ALLOCATED_KEY, put=u64(max(0, allocated))))
-        batches[-1].append(kv_pb2.Mutation(keyspace="changelog", key=u64(seq), put=log_entry))
-        for muts in batches:
-            try:
-                applied, _index, failed = self.kv.batch(self.info.store, conditions=fence, mutations=muts)
-            except KVError as e:
-                raise Unavailable(f"committing the segment map: {e}") from e
-            if not applied:
-                if failed == 2:
-                    return False
-                self._fence("flush commit refused: the owner epoch changed (taken over)")
+        muts.append(kv_pb2.Mutation(keyspace="meta", key=FLUSH_SEQ_KEY, put=u64(seq)))
+        muts.append(kv_pb2.Mutation(keyspace="meta", key=ALLOCATED_KEY, put=u64(max(0, allocated))))
+        muts.append(kv_pb2.Mutation(keyspace="changelog", key=u64(seq), put=log_entry))
+        if len(fence) + len(muts) > limits.BATCH_OPS_MAX or record_bytes > RECORD_BYTES_PER_FLUSH:
+            # The buffer's segment bound and _fit_one_batch make this impossible;
+            # refuse (the data stays buffered) rather than split a flush.
+            raise RuntimeError(f"flush of {len(changed)} records ({record_bytes} bytes) does not fit one "
+                               "KV batch: a bug in the dirty-segment bound")
+        try:
+            applied, _index, failed = self.kv.batch(self.info.store, conditions=fence, mutations=muts)
+        except KVError as e:
+            raise Unavailable(f"committing the segment map: {e}") from e
+        if not applied:
+            if failed == 2:
+                return False
+            self._fence("flush commit refused: the owner epoch changed (taken over)")
         self.flush_seq = seq
-        self.stats["flush_commits"] += len(batches)
+        self.stats["flush_commits"] += 1
         return True
 
     # ---------------------------------------------------------------- compaction
@@ -709,6 +743,12 @@ class Volume:
             with self._map_lock:
                 self.gen = gen + 1
         return gen
+
+
+def _record_bytes(seg: int, rec: list[ext.Extent]) -> int:
+    """What a record takes in a flush's batch, at most: its key, its value and
+    the protobuf envelope of the mutation (tags and length prefixes, <= 12 bytes)."""
+    return len(segment_key(seg, 0)) + len(ext.encode(rec)) + len("segments") + 12
 
 
 def _split_zero_runs(s_off: int, data: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, bytes]]]:

@@ -30,10 +30,22 @@ frozen. A write (or zero) that would take the charge past high_water_bytes
 waits on a condition until a flush releases memory; writers that had to wait
 proceed in arrival order, so a large write is not starved by small ones. A
 write larger than high_water_bytes proceeds once the buffer is empty, so
-progress is always possible. The buffer never starts a flush itself: the
-volume's flusher watches `flush_wanted` (or blocks in `wait_flush_wanted`),
-which turns true when a writer is waiting or the live charge reaches
-flush_start_bytes.
+progress is always possible.
+
+Dirty segments are bounded too, because one flush commits every changed
+segment record in ONE Raft command (DESIGN.md §5) and a Raft entry is small
+(kv/limits.py). At most max_segments segments are dirty at any time, counting
+live and frozen together (a segment in both counts once): a write that would
+dirty more waits like one over the byte mark. Counting the union keeps the
+bound across a failed flush too (unfreeze merges frozen back into live). A
+write spanning more segments than max_segments is admitted max_segments
+segments at a time, each piece waiting its turn; every piece is whole blocks,
+since segments are.
+
+The buffer never starts a flush itself: the volume's flusher watches
+`flush_wanted` (or blocks in `wait_flush_wanted`), which turns true when a
+writer is waiting, the live charge reaches flush_start_bytes, or the live
+buffer holds flush_start_segments segments.
 
 Threads: every method takes one lock (a Condition over a Lock); nothing here
 does I/O or calls out while holding it. Returned bytes are copies.
@@ -58,6 +70,11 @@ HIGH_WATER_BYTES_DEFAULT = 64 << 20
 # objects it costs (a run object and its list slots). Without a charge an UNMAP
 # storm over a large volume would grow the buffer without any bound.
 HOLE_RUN_CHARGE_BYTES = 64
+
+# Dirty segments (live and frozen together) at most: one flush's records must
+# fit one KV batch of at most kv/limits.py BATCH_OPS_MAX (256) operations, of
+# which a flush needs five for its fence and bookkeeping.
+MAX_SEGMENTS_DEFAULT = 240
 
 # (offset, length, data bytes or None for a hole). In a Frozen set offsets are
 # within the segment; from read_overlay they are relative to the read's start.
@@ -313,6 +330,8 @@ class WriteBuffer:
         high_water_bytes: int = HIGH_WATER_BYTES_DEFAULT,
         segment_bytes: int = SEGMENT_BYTES,
         flush_start_bytes: int | None = None,
+        max_segments: int = MAX_SEGMENTS_DEFAULT,
+        flush_start_segments: int | None = None,
     ) -> None:
         if high_water_bytes <= 0:
             raise ValueError(f"high_water_bytes {high_water_bytes} must be positive")
@@ -322,9 +341,17 @@ class WriteBuffer:
             flush_start_bytes = high_water_bytes // 2  # start flushing well before writers must wait
         if not 0 < flush_start_bytes <= high_water_bytes:
             raise ValueError(f"flush_start_bytes {flush_start_bytes} is not in (0, high_water_bytes]")
+        if max_segments <= 0:
+            raise ValueError(f"max_segments {max_segments} must be positive")
+        if flush_start_segments is None:
+            flush_start_segments = max(1, max_segments // 2)
+        if not 0 < flush_start_segments <= max_segments:
+            raise ValueError(f"flush_start_segments {flush_start_segments} is not in (0, max_segments]")
         self.high_water_bytes = high_water_bytes
         self.segment_bytes = segment_bytes
         self.flush_start_bytes = flush_start_bytes
+        self.max_segments = max_segments
+        self.flush_start_segments = flush_start_segments
         self._cond = threading.Condition(threading.Lock())
         self._live: dict[int, _Segment] = {}
         self._live_bytes = 0  # sum of data_bytes over _live
@@ -392,7 +419,18 @@ class WriteBuffer:
         return self._live_charge() + (0 if self._frozen is None else self._frozen.charge_bytes)
 
     def _flush_wanted(self) -> bool:
-        return bool(self._waiters) or self._live_charge() >= self.flush_start_bytes
+        return (bool(self._waiters) or self._live_charge() >= self.flush_start_bytes
+                or len(self._live) >= self.flush_start_segments)
+
+    def _dirty_segment_count(self) -> int:
+        if self._frozen is None:
+            return len(self._live)
+        return len(self._live) + sum(1 for seg in self._frozen.segments if seg not in self._live)
+
+    def _new_segments(self, segs: list[int]) -> int:
+        """How many of `segs` are not dirty yet (live or frozen)."""
+        frozen = {} if self._frozen is None else self._frozen.segments
+        return sum(1 for seg in segs if seg not in self._live and seg not in frozen)
 
     # ------------------------------------------------------------ writes
 
@@ -405,20 +443,26 @@ class WriteBuffer:
             yield seg, s_off, n
             pos += n
 
-    def _admit(self, need: int) -> None:
-        """Wait (lock held) until `need` more bytes of charge fit under the high-water mark, or the
-        buffer is empty; writers that had to wait go in arrival order."""
-        if not self._waiters and (self._charge() == 0 or self._charge() + need <= self.high_water_bytes):
+    def _fits(self, need: int, segs: list[int]) -> bool:
+        """`need` more bytes of charge and the segments `segs` fit under both marks. An empty buffer
+        (charge 0, so no dirty segment) admits anything: write and zero admit pieces of at most
+        max_segments segments, so progress is always possible and the segment bound always holds."""
+        return (
+            (self._charge() == 0 or self._charge() + need <= self.high_water_bytes)
+            and self._dirty_segment_count() + self._new_segments(segs) <= self.max_segments
+        )
+
+    def _admit(self, need: int, segs: list[int]) -> None:
+        """Wait (lock held) until `need` more bytes of charge and the segments `segs` fit (_fits);
+        writers that had to wait go in arrival order."""
+        if not self._waiters and self._fits(need, segs):
             return
         ticket = self._next_ticket
         self._next_ticket += 1
         self._waiters.append(ticket)
         self._cond.notify_all()  # flush_wanted just turned true
         try:
-            while not (
-                self._waiters[0] == ticket
-                and (self._charge() == 0 or self._charge() + need <= self.high_water_bytes)
-            ):
+            while not (self._waiters[0] == ticket and self._fits(need, segs)):
                 self._cond.wait()
         finally:
             self._waiters.remove(ticket)
@@ -435,7 +479,7 @@ class WriteBuffer:
             self._live_bytes += segment.data_bytes - before_bytes
             self._live_holes += segment.hole_runs - before_holes
             pos += n
-        if self._live_charge() >= self.flush_start_bytes:
+        if self._live_charge() >= self.flush_start_bytes or len(self._live) >= self.flush_start_segments:
             self._cond.notify_all()  # wake the flusher
 
     @staticmethod
@@ -450,22 +494,29 @@ class WriteBuffer:
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
         self._check_range(offset, view.nbytes)
-        if not view.nbytes:
-            return
-        with self._cond:
-            self._admit(view.nbytes)
-            self._put(offset, view.nbytes, view)
+        for start, length, segs in self._pieces(offset, view.nbytes):
+            piece = view[start - offset : start - offset + length]
+            with self._cond:
+                self._admit(length, segs)
+                self._put(start, length, piece)
 
     def zero(self, offset: int, length: int) -> None:
         """Record a hole-punch of [offset, offset + length): it reads as zeros and the flush punches it.
         Holes hold no bytes; each segment touched may add one hole run to the charge."""
         self._check_range(offset, length)
-        if not length:
-            return
-        segments = sum(1 for _ in self._spans(offset, length))
-        with self._cond:
-            self._admit(HOLE_RUN_CHARGE_BYTES * segments)
-            self._put(offset, length, None)
+        for start, n, segs in self._pieces(offset, length):
+            with self._cond:
+                self._admit(HOLE_RUN_CHARGE_BYTES * len(segs), segs)
+                self._put(start, n, None)
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, list[int]]]:
+        """(offset, length, segments) pieces of a range of at most max_segments segments each."""
+        pos, end = offset, offset + length
+        while pos < end:
+            first = pos // self.segment_bytes
+            stop = min(end, (first + self.max_segments) * self.segment_bytes)
+            yield pos, stop - pos, list(range(first, (stop - 1) // self.segment_bytes + 1))
+            pos = stop
 
     # ------------------------------------------------------------ reads
 

@@ -78,8 +78,12 @@ class VolumeModel(RuleBasedStateMachine):
     @rule(i=st.integers(0, 9))
     def flush(self, i: int) -> None:
         name = self._pick(i)
+        dirty = bool(self.vols[name].buffer.dirty_segments())
+        before = self.kv.applied
         self.vols[name].flush()
         self.durable[name][:] = self.current[name]
+        # DESIGN.md §5: a flush is ONE Raft command (none when nothing is dirty).
+        assert self.kv.applied - before == (1 if dirty else 0)
 
     @rule(i=st.integers(0, 9), lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 3000))
     def unmap(self, i: int, lba: int, blocks: int) -> None:
@@ -446,3 +450,80 @@ def test_idle_volume_compacts_cold_fragmented_segments():
     v.crash()
     w = open_volume(kv, blobs, "n2", "frag")
     assert len(w._records[0]) == 1 and w.read(0, 4096) == bytes(expect)
+
+
+def _fragment(v: Volume, segments: int, runs: int, expect: bytearray) -> None:
+    """Write `runs` separate 512-byte runs into each of the first `segments` segments."""
+    per_seg = ext.SEGMENT_BYTES // BS
+    for seg in range(segments):
+        for r in range(runs):
+            lba = seg * per_seg + 2 * r * (per_seg // (2 * runs))
+            data = bytes([(seg + r) % 250 + 1]) * BS
+            v.write(lba, data)
+            expect[lba * BS:(lba + 1) * BS] = data
+
+
+def test_a_flush_of_many_fragmented_segments_is_one_raft_command():
+    # 240 segments of 60 runs each: their records together are ~800 KB, far
+    # over one Raft entry. The flush rewrites the largest whole until they fit
+    # and commits them all in one batch.
+    kv, blobs = MemKV(), MemBlobs()
+    segments, runs = 240, 60
+    info = Registry(kv).create("frag", segments * ext.SEGMENT_BYTES, BS)
+    v = Volume(kv, info, blobs, "n1", lease_s=5.0)
+    v.open(background=False)
+    expect = bytearray(info.size)
+    _fragment(v, segments, runs, expect)
+    assert len(v.buffer.dirty_segments()) == segments
+    before = kv.applied
+    v.flush()
+    assert kv.applied - before == 1 and kv.batch_ops[-1] == segments + 5
+    assert v.stats["segments_rewritten_to_fit"] >= 1
+    assert v.read(0, info.blocks) == bytes(expect)
+    v.crash()
+    w = Volume(kv, Registry(kv).get("frag"), blobs, "n2", lease_s=0.05)
+    w.open(wait_s=5, background=False)
+    assert w.read(0, info.blocks) == bytes(expect)
+
+
+def test_dirty_segments_are_bounded_so_every_flush_fits_one_command():
+    # Writers touching many segments slow down; the background flusher keeps
+    # up, each flush one batch of at most max_dirty_segments records.
+    kv, blobs = MemKV(), MemBlobs()
+    info = Registry(kv).create("wide", 64 * ext.SEGMENT_BYTES, BS)
+    v = Volume(kv, info, blobs, "n1", lease_s=5.0, max_dirty_segments=8, flush_after_s=3600)
+    v.open(background=True)
+    expect = bytearray(info.size)
+    done = threading.Event()
+
+    def writer() -> None:
+        _fragment(v, 64, 3, expect)
+        data = os.urandom(40 * ext.SEGMENT_BYTES)
+        v.write(0, data)  # one write across 40 segments
+        expect[:len(data)] = data
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert done.wait(60), "a writer past the segment bound was never let through"
+    t.join()
+    assert len(v.buffer.dirty_segments()) <= 8
+    v.flush()
+    assert v.stats["flushes"] >= 64 // 8
+    flush_batches = [n for n in kv.batch_ops if n >= 5]  # lease batches have 2 or 3 operations
+    assert flush_batches and max(flush_batches) <= 8 + 5
+    assert v.read(0, info.blocks) == bytes(expect)
+    v.close()
+    with pytest.raises(ValueError):
+        Volume(kv, info, blobs, "n1", max_dirty_segments=252)
+
+
+def test_punching_holes_where_nothing_is_stored_writes_no_records():
+    kv, blobs = MemKV(), MemBlobs()
+    v = open_volume(kv, blobs)
+    v.unmap([(0, BLOCKS)])
+    before = kv.applied
+    v.flush()
+    assert kv.applied - before == 1  # the fenced flush_seq/changelog commit, with no records
+    assert kv.batch_ops[-1] == 5
+    assert v.read(0, BLOCKS) == bytes(SIZE)

@@ -279,6 +279,10 @@ def test_bad_arguments() -> None:
         WriteBuffer(high_water_bytes=0)
     with pytest.raises(ValueError):
         WriteBuffer(segment_bytes=extents.SEGMENT_BYTES + 1)
+    with pytest.raises(ValueError):
+        WriteBuffer(max_segments=0)
+    with pytest.raises(ValueError):
+        WriteBuffer(max_segments=4, flush_start_segments=5)
     buf.write(0, b"")
     buf.zero(0, 0)
     assert buf.dirty_segments() == [] and buf.read_overlay(0, 0) == []
@@ -396,3 +400,86 @@ def test_flusher_is_told_when_a_flush_is_wanted() -> None:
     flusher = start(lambda: seen.append(buf.wait_flush_wanted(WAIT_S)))
     buf.write(49, b"a")  # reaches flush_start_bytes
     assert finished(flusher) and seen == [True]
+
+
+# ------------------------------------------------------------------ the dirty-segment bound
+
+
+def test_writer_blocks_past_max_segments_counting_frozen_ones() -> None:
+    buf = WriteBuffer(segment_bytes=SEG, max_segments=3)
+    buf.write(0, b"a" * (3 * SEG))  # segments 0, 1, 2
+    buf.write(SEG + 5, b"b")  # an already dirty segment: no new one
+    writer = start(lambda: buf.write(3 * SEG, b"c"))  # a fourth segment must wait
+    wait_until(lambda: buf.waiting_writers == 1)
+    assert buf.flush_wanted
+    frozen = buf.freeze()  # still three dirty (frozen) segments: live and frozen count together
+    assert writer.is_alive() and buf.waiting_writers == 1
+    buf.release_frozen(frozen)
+    assert finished(writer)
+    assert buf.dirty_segments() == [3]
+
+
+def test_failed_flush_keeps_the_segment_bound() -> None:
+    buf = WriteBuffer(segment_bytes=SEG, max_segments=3)
+    buf.write(0, b"a" * (2 * SEG))
+    frozen = buf.freeze()
+    buf.write(0, b"z")  # frozen segment 0 written again: still two dirty segments
+    buf.write(2 * SEG, b"c")  # a third
+    writer = start(lambda: buf.write(5 * SEG, b"d"))
+    wait_until(lambda: buf.waiting_writers == 1)
+    buf.unfreeze(frozen)  # the flush failed: everything is live again, three segments
+    assert writer.is_alive() and buf.dirty_segments() == [0, 1, 2]
+    again = buf.freeze()
+    assert len(again.segments) == 3
+    buf.release_frozen(again)
+    assert finished(writer)
+    assert buf.read_overlay(5 * SEG, 1) == [(0, 1, b"d")]
+
+
+def test_a_write_across_more_segments_than_the_bound_goes_in_pieces() -> None:
+    # Every frozen set a flusher takes stays within the bound, and the whole write arrives.
+    buf = WriteBuffer(segment_bytes=SEG, max_segments=2)
+    data = bytes(range(256)) * 2  # 512 bytes: 8 segments
+    seen: list[int] = []
+    done = threading.Event()
+    store = bytearray(len(data))
+
+    def flusher() -> None:
+        while not done.is_set() or buf.dirty_segments():
+            if not buf.wait_flush_wanted(0.01) and not (done.is_set() and buf.dirty_segments()):
+                continue
+            frozen = buf.freeze()
+            seen.append(len(frozen.segments))
+            for seg, pieces in frozen.segments.items():
+                for off, length, piece in pieces:
+                    assert piece is not None
+                    store[seg * SEG + off:seg * SEG + off + length] = piece
+            buf.release_frozen(frozen)
+
+    f = start(flusher)
+    writer = start(lambda: buf.write(0, data))
+    assert finished(writer)
+    done.set()
+    assert finished(f)
+    assert bytes(store) == data
+    assert seen and max(seen) <= 2 and sum(seen) >= 4
+
+
+def test_a_large_unmap_goes_in_pieces_too() -> None:
+    buf = WriteBuffer(segment_bytes=SEG, max_segments=2)
+    zeroer = start(lambda: buf.zero(0, 5 * SEG))
+    wait_until(lambda: buf.waiting_writers == 1)
+    assert buf.dirty_segments() == [0, 1]
+    for expect in ([0, 1], [2, 3], [4]):
+        wait_until(lambda: buf.dirty_segments() == expect)  # noqa: B023 - evaluated at once
+        buf.release_frozen(buf.freeze())
+    assert finished(zeroer)
+    assert buf.dirty_segments() == []
+
+
+def test_flush_is_wanted_at_flush_start_segments() -> None:
+    buf = WriteBuffer(segment_bytes=SEG, max_segments=8, flush_start_segments=3)
+    buf.write(0, b"a" * (2 * SEG))
+    assert not buf.flush_wanted
+    buf.write(2 * SEG, b"b")
+    assert buf.flush_wanted

@@ -4,6 +4,10 @@ MemKV keeps the kv.client.KVClient contract the volume layer uses: stores,
 keyspaces, get/put/delete, scan (start/end/prefix, limit, continuation) and
 the atomic conditional batch, with per-key versions from one global counter
 (the Raft index). `fail` makes every call raise Unavailable (no quorum).
+A batch is held to the real limits of one Raft entry (kv/limits.py: operations
+and serialized bytes) and refused with InvalidArgument past them, as the
+server does; `applied` counts the batches that applied, `batch_ops` records
+each one's operation count.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import hashlib
 import threading
 from typing import Any
 
-from kv.errors import AlreadyExists, NotFound, Unavailable
+from kv import limits
+from kv.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 
 
 class MemKV:
@@ -23,6 +28,8 @@ class MemKV:
         self.lock = threading.Lock()
         self.fail = False
         self.batches = 0
+        self.applied = 0
+        self.batch_ops: list[int] = []
 
     def _check(self) -> None:
         if self.fail:
@@ -108,6 +115,12 @@ class MemKV:
 
     def batch(self, store: str, *, conditions: Any = (), mutations: Any = ()) -> tuple[bool, int, int]:
         self._check()
+        from proto import kv_pb2
+
+        cmd = kv_pb2.BatchCmd(store=store, conditions=conditions, mutations=mutations)
+        ops = len(conditions) + len(mutations)
+        if ops > limits.BATCH_OPS_MAX or cmd.ByteSize() + 64 > limits.COMMAND_BYTES_MAX:
+            raise InvalidArgument(f"batch of {ops} operations and {cmd.ByteSize()} bytes is over one Raft entry")
         with self.lock:
             self.batches += 1
             for n, c in enumerate(conditions):
@@ -125,6 +138,8 @@ class MemKV:
                     ks[m.key] = (m.put, self.index)
                 else:
                     ks.pop(m.key, None)
+            self.applied += 1
+            self.batch_ops.append(ops)
             return True, self.index, 0
 
 
