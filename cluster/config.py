@@ -120,6 +120,37 @@ class BlobSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class VolumeSettings:
+    """Volumes this node serves (blockdev/volume.py; DESIGN.md §5, §6).
+
+    lease_s: the owner's lease; another node takes a volume over once the
+    lease has gone unrenewed this long.
+    high_water_bytes / max_dirty_segments: the write-back buffer's bounds
+    (writers past either wait for a flush; the segment bound keeps one flush
+    one Raft command, so it is at most 251).
+    flush_after_s / flush_dirty_bytes: the background flush's age and size
+    triggers.
+    cache_bytes: the read cache of immutable blob bytes, per volume.
+    soft_threshold_pct: mapped bytes, as a percent of the volume's size, past
+    which initiators get the thin-provisioning soft threshold UNIT ATTENTION.
+    pool_hard_limit_bytes: mapped bytes of all volumes past which writes to
+    unmapped blocks fail with SPACE ALLOCATION FAILED (0 = no limit).
+    compact_idle_s: idle time after which cold fragmented segments are
+    rewritten.
+    """
+
+    lease_s: float = 5.0
+    high_water_bytes: int = 64 << 20
+    max_dirty_segments: int = 240
+    flush_after_s: float = 5.0
+    flush_dirty_bytes: int = 16 << 20
+    cache_bytes: int = 64 << 20
+    soft_threshold_pct: float = 80.0
+    pool_hard_limit_bytes: int = 0
+    compact_idle_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     node_id: str
     data_dir: str
@@ -140,6 +171,7 @@ class NodeConfig:
     admin_token: str = ""
     blob_port: int = 0  # 0 = api_port + BLOB_PORT_OFFSET
     blob: BlobSettings = field(default_factory=BlobSettings)
+    volume: VolumeSettings = field(default_factory=VolumeSettings)
 
     @property
     def raft_address(self) -> str:
@@ -179,6 +211,7 @@ def _to_plain(cfg: NodeConfig) -> dict[str, Any]:
         "admin_token": cfg.admin_token,
         "blob_port": cfg.blob_port,
         "blob": dataclasses.asdict(cfg.blob),
+        "volume": dataclasses.asdict(cfg.volume),
         "peers": [dataclasses.asdict(p) for p in cfg.peers],
         "tenants": [dataclasses.asdict(t) for t in cfg.tenants],
         "raft": dataclasses.asdict(cfg.raft),
@@ -206,7 +239,8 @@ def parse(text: str) -> NodeConfig:
             raise ConfigError(f"unknown [raft] keys: {sorted(unknown)}")
         _check_raft_types(raw.get("raft", {}))
         raft = RaftTiming(**raw.get("raft", {}))
-        blob = _blob_settings(raw.get("blob", {}))
+        blob = _settings("blob", BlobSettings, raw.get("blob", {}))
+        volume = _settings("volume", VolumeSettings, raw.get("volume", {}))
         cfg = NodeConfig(
             node_id=str(raw["node_id"]),
             data_dir=str(raw["data_dir"]),
@@ -221,6 +255,7 @@ def parse(text: str) -> NodeConfig:
             admin_token=str(raw.get("admin_token", "")),
             blob_port=int(raw.get("blob_port", 0)),
             blob=blob,
+            volume=volume,
         )
     except KeyError as e:
         raise ConfigError(f"missing required key {e}") from e
@@ -235,6 +270,15 @@ def parse(text: str) -> NodeConfig:
         raise ConfigError(f"blob.compact_dead_fraction must be in (0, 1], got {cfg.blob.compact_dead_fraction}")
     if not 1 <= cfg.blob.w <= cfg.blob.r:
         raise ConfigError(f"blob.w must be between 1 and blob.r, got w={cfg.blob.w} r={cfg.blob.r}")
+    v = cfg.volume
+    if not 1 <= v.max_dirty_segments <= 251:
+        raise ConfigError(f"volume.max_dirty_segments must be in [1, 251] (one flush is one KV batch), "
+                          f"got {v.max_dirty_segments}")
+    if not 0 < v.soft_threshold_pct <= 100:
+        raise ConfigError(f"volume.soft_threshold_pct must be in (0, 100], got {v.soft_threshold_pct}")
+    for name in ("lease_s", "high_water_bytes", "flush_after_s", "flush_dirty_bytes", "cache_bytes"):
+        if getattr(v, name) <= 0:
+            raise ConfigError(f"volume.{name} must be positive, got {getattr(v, name)}")
     if not (0 < cfg.raft.election_min_s < cfg.raft.election_max_s):
         raise ConfigError("raft.election_min_s must be > 0 and < election_max_s")
     if cfg.raft.election_min_s <= 3 * cfg.raft.append_entries_period_s:
@@ -242,18 +286,19 @@ def parse(text: str) -> NodeConfig:
     return cfg
 
 
-def _blob_settings(raw_blob: dict[str, Any]) -> BlobSettings:
-    defaults = BlobSettings()
+def _settings(section: str, cls: Any, raw_section: dict[str, Any]) -> Any:
+    """A [section] of non-negative numbers, each of its default's type."""
+    defaults = cls()
     out: dict[str, Any] = {}
-    for name, value in raw_blob.items():
+    for name, value in raw_section.items():
         if not hasattr(defaults, name):
-            raise ConfigError(f"unknown [blob] key {name!r}")
+            raise ConfigError(f"unknown [{section}] key {name!r}")
         want = type(getattr(defaults, name))
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if not number or (want is int and not isinstance(value, int)) or value < 0:
-            raise ConfigError(f"[blob] {name} must be a non-negative {want.__name__}, got {value!r}")
+            raise ConfigError(f"[{section}] {name} must be a non-negative {want.__name__}, got {value!r}")
         out[name] = want(value)
-    return BlobSettings(**out)
+    return cls(**out)
 
 
 def _check_raft_types(raw_raft: dict[str, Any]) -> None:

@@ -492,6 +492,44 @@ def test_blob_section_is_checked(blob: str, message: str) -> None:
         parse(f'node_id = "n1"\ndata_dir = "/d"\n[blob]\n{blob}\n')
 
 
+@pytest.mark.parametrize("volume, message", [
+    ("max_dirty_segments = 300", "volume.max_dirty_segments must be in [1, 251]"),
+    ("max_dirty_segments = 0", "volume.max_dirty_segments must be in [1, 251]"),
+    ("soft_threshold_pct = 120.0", "volume.soft_threshold_pct"),
+    ("lease_s = 0", "volume.lease_s must be positive"),
+    ("high_water_bytes = 1.5", "non-negative int"),
+    ("bogus = 1", "unknown [volume] key"),
+])
+def test_volume_section_is_checked(volume: str, message: str) -> None:
+    from cluster.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(f'node_id = "n1"\ndata_dir = "/d"\n[volume]\n{volume}\n')
+
+
+def test_volume_section_round_trips() -> None:
+    from cluster.config import parse
+
+    cfg = parse('node_id = "n1"\ndata_dir = "/d"\n[volume]\nsoft_threshold_pct = 90\n'
+                'pool_hard_limit_bytes = 1099511627776\n')
+    assert cfg.volume.soft_threshold_pct == 90.0 and cfg.volume.pool_hard_limit_bytes == 1 << 40
+    assert parse(cfg.to_toml()) == cfg
+
+
+def test_volume_settings_are_volume_parameters_with_the_same_defaults() -> None:
+    # The node opens volumes with Volume(..., **asdict(cfg.volume)).
+    import dataclasses
+    import inspect
+
+    from blockdev.volume import Volume
+    from cluster.config import VolumeSettings
+
+    params = inspect.signature(Volume).parameters
+    for f in dataclasses.fields(VolumeSettings):
+        assert f.name in params, f.name
+        assert params[f.name].default == f.default, f.name
+
+
 def test_blob_addresses_default_to_api_port_plus_500() -> None:
     from cluster.config import parse
 
