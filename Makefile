@@ -15,11 +15,11 @@ down:
 
 lint:
 	$(PY) -m ruff check .
-	$(PY) -m mypy kv objstore blockdev cluster chaos bench proto/gen.py
+	$(PY) -m mypy kv objstore blockdev iscsi cluster chaos bench proto/gen.py
 	# The pure cores (no I/O of their own) are held to --strict.
 	$(PY) -m mypy --strict kv/state.py kv/journal.py kv/limits.py kv/errors.py chaos/linearizability.py chaos/history.py \
 		objstore/api.py objstore/placement.py objstore/pack.py objstore/hints.py \
-		blockdev/extents.py blockdev/wbuffer.py blockdev/errors.py
+		blockdev/extents.py blockdev/wbuffer.py blockdev/errors.py iscsi/
 
 proto:
 	$(PY) -m proto.gen
