@@ -3,7 +3,10 @@
 Layout (all in the tenant's namespace, so one tenant never sees another's):
 
   store "volumes", keyspace "registry":
-      volume name -> msgpack {"id", "size", "block_size", "created"}
+      volume name -> msgpack {"id", "size", "block_size", "created", "ancestors",
+                              "origin", "acl"}; acl = {"initiators": [IQN, ...] or
+                              absent (any initiator), "chap": {"user", "secret",
+                              "mutual_user", "mutual_secret"} or absent}
   store "vol.<id>" (one per volume, the blog's "a store per volume"):
       keyspace "meta":      b"epoch" -> owner epoch (u64 BE); changes only on takeover
                             b"lease" -> msgpack {"node", "epoch", "renewed"}
@@ -111,6 +114,37 @@ def _check_size(size: int, block_size: int) -> None:
         raise InvalidRequest(f"size {size} is not a multiple of the block size {block_size}")
 
 
+ACL_INITIATORS_MAX = 256
+CHAP_SECRET_BYTES_MIN = 12  # RFC 7143 §12.1.3 recommends at least 96 bits of secret
+CHAP_SECRET_BYTES_MAX = 255
+
+
+def _check_acl(acl: dict[str, Any]) -> None:
+    unknown = set(acl) - {"initiators", "chap"}
+    if unknown:
+        raise InvalidRequest(f"unknown ACL fields {sorted(unknown)}")
+    inits = acl.get("initiators")
+    if inits is not None:
+        if not isinstance(inits, list) or len(inits) > ACL_INITIATORS_MAX:
+            raise InvalidRequest(f"initiators must be a list of at most {ACL_INITIATORS_MAX} names")
+        for n in inits:
+            if not isinstance(n, str) or not n.startswith(("iqn.", "eui.", "naa.")) or len(n) > 223 or " " in n:
+                raise InvalidRequest(f"{n!r} is not an iSCSI name (iqn./eui./naa., at most 223 bytes)")
+    chap = acl.get("chap")
+    if chap is not None:
+        if not isinstance(chap, dict) or not chap.get("user") or not chap.get("secret"):
+            raise InvalidRequest("CHAP needs a user and a secret")
+        for who in ("secret", "mutual_secret"):
+            sec = chap.get(who)
+            if sec is not None and not CHAP_SECRET_BYTES_MIN <= len(str(sec).encode()) <= CHAP_SECRET_BYTES_MAX:
+                raise InvalidRequest(f"a CHAP {who.replace('_', ' ')} must be {CHAP_SECRET_BYTES_MIN}-"
+                                     f"{CHAP_SECRET_BYTES_MAX} bytes (RFC 7143 §12.1.3 asks for 96 bits or more)")
+        if bool(chap.get("mutual_user")) != bool(chap.get("mutual_secret")):
+            raise InvalidRequest("mutual CHAP needs both a user and a secret")
+        if chap.get("mutual_secret") and chap.get("mutual_secret") == chap.get("secret"):
+            raise InvalidRequest("the mutual CHAP secret must differ from the initiator's (RFC 7143 §12.1.3)")
+
+
 def _decode(name: str, raw: bytes) -> VolumeInfo:
     d = msgpack.unpackb(raw, raw=False)
     return VolumeInfo(name=name, id=str(d["id"]), size=int(d["size"]), block_size=int(d["block_size"]),
@@ -179,29 +213,49 @@ class Registry:
             if not cont:
                 return out
 
-    def resize(self, name: str, new_size: int, *, force: bool = False) -> VolumeInfo:
-        from proto import kv_pb2
-
+    def _entry(self, name: str) -> tuple[dict[str, Any], int]:
+        """A volume's registry entry (decoded) and its version."""
         self._ensure()
         found = self.kv.get(REGISTRY_STORE, REGISTRY_KS, name.encode())
         if found is None:
             raise NoSuchVolume(f"no volume named {name!r}")
-        raw, version = found
-        info = _decode(name, raw)
+        return msgpack.unpackb(found[0], raw=False), found[1]
+
+    def _replace_entry(self, name: str, entry: dict[str, Any], version: int, doing: str) -> None:
+        """Write an entry back, only if nobody changed it since it was read at `version`."""
+        from proto import kv_pb2
+
+        entry.setdefault("ancestors", [])
+        applied, _i, _f = self.kv.batch(
+            REGISTRY_STORE, conditions=[kv_pb2.Condition(keyspace=REGISTRY_KS, key=name.encode(),
+                                                         version_equals=version)],
+            mutations=[kv_pb2.Mutation(keyspace=REGISTRY_KS, key=name.encode(), put=msgpack.packb(entry))])
+        if not applied:
+            raise InvalidRequest(f"{name} changed while {doing}; try again")
+
+    def resize(self, name: str, new_size: int, *, force: bool = False) -> VolumeInfo:
+        entry, version = self._entry(name)
+        info = _decode(name, msgpack.packb(entry))
         _check_size(new_size, info.block_size)
         if new_size < info.size and not force:
             raise InvalidRequest(f"shrinking {name} from {info.size} to {new_size} bytes discards data; "
                                  "pass force to do it anyway")
-        d = msgpack.unpackb(raw, raw=False)
-        d["size"] = new_size
-        d.setdefault("ancestors", [])
-        applied, _i, _f = self.kv.batch(
-            REGISTRY_STORE, conditions=[kv_pb2.Condition(keyspace=REGISTRY_KS, key=name.encode(),
-                                                         version_equals=version)],
-            mutations=[kv_pb2.Mutation(keyspace=REGISTRY_KS, key=name.encode(), put=msgpack.packb(d))])
-        if not applied:
-            raise InvalidRequest(f"{name} changed while it was being resized; try again")
-        return _decode(name, msgpack.packb(d))
+        entry["size"] = new_size
+        self._replace_entry(name, entry, version, "it was being resized")
+        return _decode(name, msgpack.packb(entry))
+
+    def get_acl(self, name: str) -> dict[str, Any]:
+        """The volume's iSCSI access list: {"initiators": [...]} and/or {"chap": {...}}; {} = open."""
+        entry, _version = self._entry(name)
+        return dict(entry.get("acl") or {})
+
+    def set_acl(self, name: str, acl: dict[str, Any]) -> dict[str, Any]:
+        """Replace the volume's access list (checked: initiator names and CHAP fields)."""
+        _check_acl(acl)
+        entry, version = self._entry(name)
+        entry["acl"] = acl
+        self._replace_entry(name, entry, version, "its ACL was being set")
+        return acl
 
     def clones_of(self, store: str) -> builtins.list[VolumeInfo]:
         """Volumes that read through `store` (clones of its snapshots, at any depth)."""

@@ -208,10 +208,14 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
     print(f"floe: {len(info.nodes)}-node cluster up in {info.data_dir} (started: {started}); leader {info.leader}")
     print()
     layout = launcher.load_layout(args.data_dir)
-    print(_table(["ID", "ROLE", "PID", "API", "RAFT", "BLOB", "LOG"],
+    print(_table(["ID", "ROLE", "PID", "API", "RAFT", "BLOB", "ISCSI", "LOG"],
                  [[n.id, rows[n.id]["role"], rows[n.id]["pid"], n.api_address, n.raft_address,
-                   layout.node_config(n).blob_address, _short_path(n.log_path)] for n in info.nodes]))
+                   layout.node_config(n).blob_address, layout.node_config(n).iscsi_address,
+                   _short_path(n.log_path)] for n in info.nodes]))
     flag = _dir_flag(args.data_dir)
+    attach = ""
+    if args.volume:
+        attach = _ensure_volume(args, layout, info.servers)
     server_flags = " ".join(f"--server {s}" for s in info.servers)
     print(f"""
 Use it (servers and token are read from {args.data_dir}):
@@ -224,7 +228,36 @@ From another directory or machine, or from Python (kv.client.KVClient(servers, t
   export {TOKEN_ENV}={info.token}
   floe kv ls {server_flags}
 Status: floe cluster status{flag}    Stop: floe cluster down{flag}  (data and config stay in {args.data_dir})""")
+    if attach:
+        print(attach)
     return 0
+
+
+def _ensure_volume(args: argparse.Namespace, layout: Any, servers: list[str]) -> str:
+    """The volume `make up` promises: created on the first up, kept after; returns how to attach it."""
+    from blockdev.errors import NoSuchVolume
+    from blockdev.registry import Registry
+    from cluster.targets import target_name
+    from kv.client import KVClient
+
+    kv = KVClient(servers, layout.token, timeout_s=30.0)
+    try:
+        reg = Registry(kv)
+        try:
+            info = reg.get(args.volume)
+            made = "exists"
+        except NoSuchVolume:
+            info = reg.create(args.volume, args.volume_size, 512)
+            made = "created"
+    finally:
+        kv.close()
+    portals = [layout.node_config(n).iscsi_address for n in layout.nodes]
+    url = f"iscsi://{portals[0]}/{target_name(launcher.DEFAULT_TENANT, info.name)}/0"
+    return (f"\nVolume {info.name} ({volcli.human(info.size)}, thin; {made}) is ready to attach:\n"
+            f"  {url}\n"
+            f"  qemu-system-x86_64 ... -drive file={url},format=raw,if=virtio,cache=writeback\n"
+            f"  qemu-io -c 'write -P 0xab 0 1M' -c 'flush' {url}\n"
+            f"  floe volume attach-info {info.name}{_dir_flag(args.data_dir)}   (all portals, iscsiadm lines)")
 
 
 def _cmd_cluster_down(args: argparse.Namespace) -> int:
@@ -478,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KV API port on every node address (default {DEFAULT_API_PORT})")
     p.add_argument("--wait", type=_positive_float, default=30.0, metavar="SECONDS",
                    help="how long to wait for a leader (default 30)")
+    p.add_argument("--volume", default="vol0", metavar="NAME",
+                   help="create this volume if it does not exist, ready to attach (default vol0; '' for none)")
+    p.add_argument("--volume-size", type=volcli.parse_size, default=10 << 30, metavar="SIZE",
+                   help="its size when created (default 10G; thin: nothing is allocated until written)")
     p.set_defaults(func=_cmd_cluster_up)
     p = cluster_sub.add_parser("down", help="stop every node (SIGTERM, then SIGKILL after 10 s)")
     _add_data_dir(p)

@@ -36,6 +36,10 @@ import tomli_w
 
 # A node's blob service listens on api_port + this unless blob_port is set.
 BLOB_PORT_OFFSET = 500
+# A node's iSCSI portal defaults to api_port + ISCSI_PORT_OFFSET: 3260, the
+# IANA iSCSI port, for the default api port 7200 (the local cluster gives each
+# node its own address, so all three listen on 3260); tests on 7220 get 3280.
+ISCSI_PORT_OFFSET = 3260 - 7200
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,11 @@ class Peer:
     raft_port: int
     api_port: int
     blob_port: int = 0  # 0 = api_port + BLOB_PORT_OFFSET
+    iscsi_port: int = 0  # 0 = api_port + ISCSI_PORT_OFFSET
+
+    @property
+    def iscsi_address(self) -> str:
+        return f"{self.host}:{self.iscsi_port or self.api_port + ISCSI_PORT_OFFSET}"
 
     @property
     def raft_address(self) -> str:
@@ -170,6 +179,7 @@ class NodeConfig:
     # (objstore pins). Empty = this node runs no blob service (logged).
     admin_token: str = ""
     blob_port: int = 0  # 0 = api_port + BLOB_PORT_OFFSET
+    iscsi_port: int = 0  # 0 = api_port + ISCSI_PORT_OFFSET
     blob: BlobSettings = field(default_factory=BlobSettings)
     volume: VolumeSettings = field(default_factory=VolumeSettings)
 
@@ -185,8 +195,12 @@ class NodeConfig:
     def api_address(self) -> str:
         return self.self_peer().api_address
 
+    @property
+    def iscsi_address(self) -> str:
+        return self.self_peer().iscsi_address
+
     def self_peer(self) -> Peer:
-        return Peer(self.node_id, self.host, self.raft_port, self.api_port, self.blob_port)
+        return Peer(self.node_id, self.host, self.raft_port, self.api_port, self.blob_port, self.iscsi_port)
 
     def all_peers(self) -> tuple[Peer, ...]:
         """Every voting member including this node, ordered by id."""
@@ -210,6 +224,7 @@ def _to_plain(cfg: NodeConfig) -> dict[str, Any]:
         "raft_secret": cfg.raft_secret,
         "admin_token": cfg.admin_token,
         "blob_port": cfg.blob_port,
+        "iscsi_port": cfg.iscsi_port,
         "blob": dataclasses.asdict(cfg.blob),
         "volume": dataclasses.asdict(cfg.volume),
         "peers": [dataclasses.asdict(p) for p in cfg.peers],
@@ -230,7 +245,7 @@ def parse(text: str) -> NodeConfig:
         raise ConfigError(f"invalid TOML: {e}") from e
     try:
         peers = tuple(Peer(str(p["id"]), str(p["host"]), int(p["raft_port"]), int(p["api_port"]),
-                           int(p.get("blob_port", 0)))
+                           int(p.get("blob_port", 0)), int(p.get("iscsi_port", 0)))
                       for p in raw.get("peers", []))
         tenants = tuple(Tenant(str(t["name"]), str(t["token"])) for t in raw.get("tenants", []))
         timing_fields = {f.name for f in dataclasses.fields(RaftTiming)}
@@ -254,6 +269,7 @@ def parse(text: str) -> NodeConfig:
             raft_secret=str(raw.get("raft_secret", "")),
             admin_token=str(raw.get("admin_token", "")),
             blob_port=int(raw.get("blob_port", 0)),
+            iscsi_port=int(raw.get("iscsi_port", 0)),
             blob=blob,
             volume=volume,
         )

@@ -130,8 +130,20 @@ def main(config_path: str) -> int:
     if blobs is None:
         log.error("event=blob_service_disabled reason=no_admin_token "
                   "hint='set admin_token in the node config (the same on every node)'")
-    log.info("event=node_started node=%s raft=%s api=%s pid=%d", cfg.node_id, cfg.raft_address, cfg.api_address,
-             os.getpid())
+    targets = iscsi_server = None
+    if blobs is not None:
+        # Volumes need the object tier; every node serves the iSCSI targets of
+        # the volumes it owns and redirects logins for the others.
+        from blockdev.tiers import ClusterBlobs
+        from cluster.targets import VolumeCatalog
+        from iscsi.server import IscsiServer
+
+        targets = VolumeCatalog(cfg, ClusterBlobs(blobs.cluster))
+        host, port = cfg.iscsi_address.rsplit(":", 1)
+        iscsi_server = IscsiServer(targets, host=host, port=int(port))
+        iscsi_server.start_in_thread()
+    log.info("event=node_started node=%s raft=%s api=%s iscsi=%s pid=%d", cfg.node_id, cfg.raft_address,
+             cfg.api_address, cfg.iscsi_address if iscsi_server else "off", os.getpid())
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -141,6 +153,10 @@ def main(config_path: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
+    if iscsi_server is not None:
+        iscsi_server.stop_thread()
+    if targets is not None:
+        targets.close()  # flush and release owned volumes: a clean stop hands them over at once
     if blobs is not None:
         blobs.stop()
     server.stop(grace=1.0).wait()

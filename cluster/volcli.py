@@ -5,6 +5,9 @@
   import NAME FILE [--size S] [--block-size B]   raw image in; zero runs skipped; flushed at the end
   export NAME[@SNAP] FILE                        raw image out
   clone VOL@SNAP NEWNAME                         a writable volume from a snapshot, no data copied
+  acl NAME [--allow IQN] [--deny IQN] [--any-initiator] [--chap USER:SECRET]
+           [--mutual-chap USER:SECRET] [--no-chap]   who may log in to the volume's iSCSI target
+  attach-info NAME                               the iscsi:// URL, portals, QEMU and iscsiadm lines
 and `floe snapshot create VOL NAME | ls VOL | rm VOL NAME`.
 
 Target: the local cluster in --data-dir (default .floe), or --server HOST:PORT
@@ -27,7 +30,7 @@ from typing import Any
 
 from cluster import launcher
 from cluster.blobcli import ADMIN_TOKEN_ENV, add_target_args
-from cluster.config import BLOB_PORT_OFFSET
+from cluster.config import BLOB_PORT_OFFSET, ISCSI_PORT_OFFSET
 from cluster.config import load as load_node_config
 
 TOKEN_ENV = "FLOE_TOKEN"
@@ -330,6 +333,97 @@ def cmd_clone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chap_pair(text: str) -> tuple[str, str]:
+    user, sep, secret = text.partition(":")
+    if not sep or not user or not secret:
+        raise argparse.ArgumentTypeError("expected USER:SECRET")
+    return user, secret
+
+
+def cmd_acl(args: argparse.Namespace) -> int:
+    from blockdev.registry import Registry
+
+    reg = Registry(_kv(args))
+    acl = reg.get_acl(args.name)
+    changed = False
+    if args.any_initiator:
+        acl.pop("initiators", None)
+        changed = True
+    if args.allow or args.deny:
+        names = list(acl.get("initiators") or [])
+        names += [n for n in args.allow if n not in names]
+        names = [n for n in names if n not in args.deny]
+        acl["initiators"] = names
+        changed = True
+    if args.no_chap:
+        acl.pop("chap", None)
+        changed = True
+    if args.chap:
+        acl["chap"] = {"user": args.chap[0], "secret": args.chap[1]}
+        changed = True
+    if args.mutual_chap:
+        if "chap" not in acl:
+            raise VolumeCLIError("mutual CHAP needs --chap USER:SECRET (the initiator's) too")
+        acl["chap"] = {**acl["chap"], "mutual_user": args.mutual_chap[0], "mutual_secret": args.mutual_chap[1]}
+        changed = True
+    if changed:
+        acl = reg.set_acl(args.name, acl)
+    shown = {k: v for k, v in acl.items() if k != "chap"}
+    if "chap" in acl:
+        shown["chap"] = {"user": acl["chap"]["user"], "mutual": bool(acl["chap"].get("mutual_user")),
+                         **({"mutual_user": acl["chap"]["mutual_user"]} if acl["chap"].get("mutual_user") else {})}
+    inits = acl.get("initiators")
+    text = (f"volume {args.name}\n  initiators  "
+            + ("any" if inits is None else (", ".join(inits) if inits else "none (nobody may log in)"))
+            + "\n  CHAP        "
+            + ("none" if "chap" not in acl else f"user {acl['chap']['user']}"
+               + (f", mutual (target user {acl['chap']['mutual_user']})" if acl["chap"].get("mutual_user") else "")))
+    _out(args, shown, text)
+    return 0
+
+
+def _portals(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(node id or address, iSCSI portal) of every node."""
+    if args.server:
+        out = []
+        for a in args.server:
+            h, p = a.rsplit(":", 1)
+            out.append((a, f"{h}:{int(p) + ISCSI_PORT_OFFSET}"))
+        return out
+    layout = launcher.load_layout(args.data_dir)
+    return [(n.id, layout.node_config(n).iscsi_address) for n in layout.nodes]
+
+
+def cmd_attach_info(args: argparse.Namespace) -> int:
+    import msgpack
+
+    from blockdev.registry import LEASE_KEY, Registry
+    from cluster.targets import target_name
+
+    kv = _kv(args)
+    info = Registry(kv).get(args.name)
+    tenant = args.tenant or launcher.DEFAULT_TENANT
+    iqn = target_name(tenant, info.name)
+    portals = _portals(args)
+    lease = kv.get(info.store, "meta", LEASE_KEY)
+    owner = msgpack.unpackb(lease[0], raw=False).get("node") if lease else None
+    portals.sort(key=lambda np: np[0] != owner)  # the owner's portal first: no redirect needed
+    addrs = [p for _n, p in portals]
+    url = f"iscsi://{addrs[0]}/{iqn}/0"
+    qemu = f"qemu-system-x86_64 ... -drive file={url},format=raw,if=virtio,cache=writeback"
+    iscsiadm = (f"iscsiadm -m discovery -t sendtargets -p {addrs[0]} && "
+                f"iscsiadm -m node -T {iqn} -p {addrs[0]} --login")
+    d = {"url": url, "portals": addrs, "target": iqn, "lun": 0, "owner": owner, "qemu": qemu, "iscsiadm": iscsiadm,
+         "block_size": info.block_size, "size": info.size}
+    text = (f"volume {info.name} ({human(info.size)}, {info.block_size}-byte blocks)\n"
+            f"  target   {iqn}\n  LUN      0\n  portals  {', '.join(addrs)}"
+            f"{'' if owner else '  (no owner yet: the first login opens it)'}\n"
+            f"  url      {url}\n\nQEMU:\n  {qemu}\nLinux (open-iscsi):\n  {iscsiadm}\n"
+            f"qemu-img / qemu-io:\n  qemu-img info {url}")
+    _out(args, d, text)
+    return 0
+
+
 def add_parser(top: Any, server_arg: Callable[[str], str], positive_float: Callable[[str], float],
                default_data_dir: str) -> None:
     vol = top.add_parser("volume", help="volumes: create, ls, show, resize, rm, import, export")
@@ -383,6 +477,22 @@ def add_parser(top: Any, server_arg: Callable[[str], str], positive_float: Calla
         p.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
         common(p)
         p.set_defaults(func=fn)
+    p = sub.add_parser("acl", help="who may log in to the volume's iSCSI target: initiator names and CHAP")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--allow", action="append", default=[], metavar="IQN", help="let this initiator in (repeatable)")
+    p.add_argument("--deny", action="append", default=[], metavar="IQN", help="remove an allowed initiator")
+    p.add_argument("--any-initiator", action="store_true", help="drop the initiator list: any initiator may log in")
+    p.add_argument("--chap", type=_chap_pair, metavar="USER:SECRET",
+                   help="require CHAP: the initiator's user name and secret (12-255 bytes)")
+    p.add_argument("--mutual-chap", type=_chap_pair, metavar="USER:SECRET",
+                   help="mutual CHAP: the target's user name and secret, which the initiator checks")
+    p.add_argument("--no-chap", action="store_true", help="stop requiring CHAP")
+    common(p)
+    p.set_defaults(func=cmd_acl)
+    p = sub.add_parser("attach-info", help="the iscsi:// URL, portals and ready-to-paste QEMU and iscsiadm lines")
+    p.add_argument("name", metavar="NAME")
+    common(p)
+    p.set_defaults(func=cmd_attach_info)
     p = sub.add_parser("clone", help="a new writable volume from VOLUME@SNAPSHOT (no data copied)")
     p.add_argument("source", metavar="VOLUME@SNAPSHOT")
     p.add_argument("new_name", metavar="NEWNAME")
