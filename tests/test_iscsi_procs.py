@@ -281,3 +281,66 @@ def test_discovery_lists_every_portal(cluster):
     assert "iqn.2026-11.io.floe:default.disc" in out.stdout
     for p in portals(cluster):
         assert p in out.stdout
+
+
+def _pr_out(m: MiniInitiator, sa: int, key: int, sa_key: int, rtype: int = 0) -> int:
+    """PERSISTENT RESERVE OUT (SPC-4 §6.17): 24-byte parameter list."""
+    params = key.to_bytes(8, "big") + sa_key.to_bytes(8, "big") + bytes(8)
+    cdb = bytes([0x5F, sa, rtype & 0x0F, 0, 0, 0, 0, 0, len(params), 0])
+    status, _data, sense = m.command(cdb, data=params)
+    assert status == 0, f"PR OUT sa={sa}: status {status} sense {sense.hex()}"
+    return status
+
+
+def _pr_in(m: MiniInitiator, sa: int) -> bytes:
+    cdb = bytes([0x5E, sa, 0, 0, 0, 0, 0, 0x10, 0x00, 0])
+    status, data, sense = m.command(cdb, read_len=4096)
+    assert status == 0, f"PR IN sa={sa}: status {status} sense {sense.hex()}"
+    return data
+
+
+def _login_clearing_ua(portal: str, target: str, deadline_s: float = 60.0) -> MiniInitiator:
+    """Log in (following no redirect: `portal` must serve the volume) and take the first
+    command's unit attention; retried while the volume is being taken over."""
+    host, port = portal.rsplit(":", 1)
+    deadline = time.monotonic() + deadline_s
+    while True:
+        m = MiniInitiator(host, int(port), timeout_s=30)
+        rsp = m.login(target)
+        if rsp.status_class == 0:
+            status, _d, sense = m.command(bytes(6))  # TEST UNIT READY
+            if status == 2:
+                assert sense[2] & 0x0F == 6 and sense[12] == 0x29, sense.hex()  # power on/reset UA
+            return m
+        m.close()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"login to {portal} kept failing: {rsp.status_class:#x}/{rsp.status_detail:#x}")
+        time.sleep(0.5)
+
+
+def test_persistent_reservations_survive_an_owner_failover(cluster):
+    """PR state lives in the KV (DESIGN.md §7): after the owner is SIGKILLed and another node
+    takes the volume over, the same I_T nexus still holds its registration and reservation,
+    and every nexus first gets the reset UNIT ATTENTION (§2 point 6)."""
+    target = create(cluster, "pr", "64M")
+    layout = launcher.load_layout(cluster)
+    ps = portals(cluster)
+    m = _login_clearing_ua(ps[0], target)
+    owner = owner_of(cluster, "pr")
+    assert owner == layout.nodes[0].id
+    _pr_out(m, 0, 0, 0x1234ABCD)  # REGISTER
+    _pr_out(m, 1, 0x1234ABCD, 0, rtype=1)  # RESERVE, Write Exclusive
+    m.close()
+    launcher.kill(cluster, owner)
+    try:
+        m2 = _login_clearing_ua(ps[1], target)  # waits out the lease, takes over with epoch+1
+        keys = _pr_in(m2, 0)
+        assert int.from_bytes(keys[4:8], "big") == 8 and int.from_bytes(keys[8:16], "big") == 0x1234ABCD
+        res = _pr_in(m2, 1)
+        assert int.from_bytes(res[4:8], "big") == 16
+        assert int.from_bytes(res[8:16], "big") == 0x1234ABCD and res[21] & 0x0F == 1
+        m2.close()
+        assert owner_of(cluster, "pr") == layout.nodes[1].id
+    finally:
+        launcher.start(cluster, owner)
+        cu.leader_id(cluster, wait_s=30)
