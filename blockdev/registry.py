@@ -13,6 +13,8 @@ Layout (all in the tenant's namespace, so one tenant never sees another's):
                             b"flush_seq" -> u64 BE, the last committed flush
                             b"gen" -> u64 BE, the current generation (snapshots)
                             b"allocated" -> u64 BE, bytes mapped at the head
+                            b"dirty" -> msgpack {"node", "epoch"} while the owner
+                            holds unflushed acknowledged writes
       keyspace "segments":  segment index (u64 BE) + (2^64-1 - generation) (u64 BE)
                             -> segment record (blockdev/extents.py). Versioned by
                             generation so snapshots can keep old versions; a
@@ -53,6 +55,10 @@ LEASE_KEY = b"lease"
 FLUSH_SEQ_KEY = b"flush_seq"
 GEN_KEY = b"gen"
 ALLOCATED_KEY = b"allocated"  # bytes mapped at the head, written by every flush
+# Present while the owner holds acknowledged writes that no flush has made durable
+# yet: written before the first such write completes, deleted once a flush leaves
+# the buffer empty. A new owner that finds it knows acknowledged writes were lost.
+DIRTY_KEY = b"dirty"
 
 
 def u64(n: int) -> bytes:

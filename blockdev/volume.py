@@ -15,6 +15,16 @@ Writes land in the write-back buffer (blockdev/wbuffer.py) and complete:
 DESIGN.md §2 point 1, a disk's volatile cache. FUA writes flush before they
 complete.
 
+Lost-write detection. A disk that loses its cache reports it; so must we. Before
+the first write of a dirty period completes, the owner writes meta/dirty
+(fenced); once a flush leaves the buffer empty it deletes it. A new owner takes
+the volume over in a batch that also deletes meta/dirty, conditional on having
+read it, and sets `writes_lost` when it was there: the previous owner died with
+acknowledged writes no flush covered. The iSCSI layer then fails the first
+SYNCHRONIZE CACHE of every I_T nexus with a write error instead of a GOOD that
+would claim those writes durable (QEMU retries the reset UNIT ATTENTION of
+DESIGN.md §2 point 6 without telling the guest, so that alone is not enough).
+
 Flush (§2 point 2, §5). Under the flush lock (flushes are ordered; one that
 arrives while another runs waits, then covers what came after): freeze the
 buffer; per dirty segment, build one blob from its dirty runs (a segment whose
@@ -65,6 +75,7 @@ from blockdev import wbuffer
 from blockdev.errors import Fenced, InvalidRequest, Miscompare, OutOfRange, SpaceExhausted, Unavailable
 from blockdev.registry import (
     ALLOCATED_KEY,
+    DIRTY_KEY,
     EPOCH_KEY,
     FLUSH_SEQ_KEY,
     GEN_KEY,
@@ -89,8 +100,9 @@ SEG = ext.SEGMENT_BYTES
 # (240) records of one extent each take about 24 KiB: shrinking always works.
 RECORD_BYTES_PER_FLUSH = 36 * 1024
 # Operations of a flush's batch besides the records: epoch and generation
-# conditions, flush_seq, allocated bytes and the changelog entry.
-FLUSH_FIXED_OPS = 5
+# conditions, flush_seq, allocated bytes, the changelog entry and the dirty
+# marker's delete.
+FLUSH_FIXED_OPS = 6
 ZERO_CHUNK = 4096
 # The background compactor rewrites idle segments with more extents than this.
 COMPACT_MIN_EXTENTS = 16
@@ -183,6 +195,8 @@ class Volume:
         self._write_lock = threading.Lock()
         self._fenced = False
         self._closed = False
+        self.writes_lost = False  # the previous owner died holding unflushed acknowledged writes
+        self._dirty_marked = False  # meta/dirty is set by us (under _write_lock)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.flush_after_s = flush_after_s
@@ -243,6 +257,7 @@ class Volume:
             lease = self._meta(LEASE_KEY)
             epoch_raw = self._meta(EPOCH_KEY)
             epoch = from_u64(epoch_raw[0]) if epoch_raw else 0
+            dirty = self._meta(DIRTY_KEY)
             if lease is None:
                 cond = [kv_pb2.Condition(keyspace="meta", key=LEASE_KEY, absent=True)]
             else:
@@ -258,11 +273,20 @@ class Volume:
                     continue
                 cond = [kv_pb2.Condition(keyspace="meta", key=LEASE_KEY, version_equals=lease[1])]
             new_epoch = epoch + 1
+            # The dirty marker as we read it: a stale owner marking it meanwhile makes this fail and retry.
+            cond.append(kv_pb2.Condition(keyspace="meta", key=DIRTY_KEY, absent=True) if dirty is None
+                        else kv_pb2.Condition(keyspace="meta", key=DIRTY_KEY, version_equals=dirty[1]))
             muts = [kv_pb2.Mutation(keyspace="meta", key=EPOCH_KEY, put=u64(new_epoch)),
                     kv_pb2.Mutation(keyspace="meta", key=LEASE_KEY, put=self._lease_value(new_epoch))]
+            if dirty is not None:
+                muts.append(kv_pb2.Mutation(keyspace="meta", key=DIRTY_KEY, delete=True))
             applied, _index, _failed = self.kv.batch(self.info.store, conditions=cond, mutations=muts)
             if applied:
                 self.epoch = new_epoch
+                self.writes_lost = dirty is not None
+                if self.writes_lost:
+                    log.warning("event=volume_writes_lost volume=%s node=%s epoch=%d previous=%s",
+                                self.info.name, self.node_id, new_epoch, msgpack.unpackb(dirty[0], raw=False))
                 break
             if time.monotonic() > deadline:
                 raise Unavailable(f"could not take volume {self.info.name}: its lease kept changing")
@@ -497,15 +521,35 @@ class Volume:
         off, _ = self._range(lba, len(data) // self.block_size)
         self._check_space(lba, len(data) // self.block_size)
         with self._write_lock:
+            self._mark_dirty()
             self.buffer.write(off, bytes(data))
         self.stats["writes"] += 1
         if fua:
             self.flush()
 
+    def _mark_dirty(self) -> None:
+        """Before the first write of a dirty period completes: set meta/dirty (fenced), so a
+        new owner learns if we die before a flush covers it (module doc). Caller holds
+        _write_lock."""
+        if self._dirty_marked:
+            return
+        kv_pb2 = _kv_pb2()
+        value = msgpack.packb({"node": self.node_id, "epoch": self.epoch})
+        try:
+            applied, _i, _f = self.kv.batch(self.info.store, conditions=[self._epoch_condition()],
+                                            mutations=[kv_pb2.Mutation(keyspace="meta", key=DIRTY_KEY, put=value)])
+        except KVError as e:
+            raise Unavailable(f"marking {self.info.name} dirty: {e}") from e
+        if not applied:
+            self._fence("marking dirty found another epoch")
+        self._dirty_marked = True
+        self.stats["dirty_marks"] += 1
+
     def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         self._check_writable()
         spans = [self._range(lba, count) for lba, count in ranges]
         with self._write_lock:
+            self._mark_dirty()
             for off, length in spans:
                 if length:
                     self.buffer.zero(off, length)
@@ -516,6 +560,7 @@ class Volume:
             raise InvalidRequest(f"WRITE SAME needs one {self.block_size}-byte block, got {len(block)}")
         off, length = self._range(lba, count)
         with self._write_lock:
+            self._mark_dirty()
             if not any(block) and unmap:
                 self.buffer.zero(off, length)
                 return
@@ -535,6 +580,7 @@ class Volume:
             if current != compare:
                 first = next(i for i, (a, b) in enumerate(zip(current, compare, strict=True)) if a != b)
                 raise Miscompare(first)
+            self._mark_dirty()
             self.buffer.write(off, bytes(data))
 
     def lba_status(self, lba: int) -> tuple[int, int, bool]:
@@ -571,9 +617,17 @@ class Volume:
             if not frozen.segments:
                 self.buffer.release_frozen(frozen)
                 return
+            # When no writer is active and nothing is live, the same batch deletes meta/dirty:
+            # holding _write_lock (never waiting for it: a writer may be waiting for this flush)
+            # keeps writers out until the commit, so no write completes unmarked.
+            clearing = self._dirty_marked and self._write_lock.acquire(blocking=False)
             try:
                 changed = self._build(frozen)
-                alloc_delta = self._commit(changed)
+                if clearing and self.buffer.live_bytes == 0 and not self.buffer.live_runs():
+                    alloc_delta = self._commit(changed, clear_dirty=True)
+                    self._dirty_marked = False
+                else:
+                    alloc_delta = self._commit(changed)
             except Fenced:
                 raise
             except Exception as e:
@@ -583,6 +637,9 @@ class Volume:
                     raise
                 raise Unavailable(f"flush of {self.info.name} failed, data kept buffered: "
                                   f"{type(e).__name__}: {e}") from e
+            finally:
+                if clearing:
+                    self._write_lock.release()
             with self._map_lock:
                 self.allocated += alloc_delta
                 self._records.update(changed)
@@ -664,11 +721,11 @@ class Volume:
         self.stats["segments_rewritten"] += 1
         return [ext.Extent(first, len(blob), h, 0)]
 
-    def _commit(self, changed: dict[int, list[ext.Extent]]) -> int:
+    def _commit(self, changed: dict[int, list[ext.Extent]], *, clear_dirty: bool = False) -> int:
         """Commit the changed records (fenced); returns the change in mapped bytes."""
         alloc_delta = sum(ext.allocated(rec) - ext.allocated(self._record(seg)) for seg, rec in changed.items())
         for _attempt in range(5):
-            if self._commit_at_gen(changed, self.allocated + alloc_delta):
+            if self._commit_at_gen(changed, self.allocated + alloc_delta, clear_dirty=clear_dirty):
                 return alloc_delta
             # A snapshot moved the volume to a new generation: the same records
             # go in at the new generation, leaving the snapshot's versions be.
@@ -676,7 +733,8 @@ class Volume:
             self.gen = from_u64(found[0]) if found else 0
         raise Unavailable(f"flush of {self.info.name}: the generation kept changing")
 
-    def _commit_at_gen(self, changed: dict[int, list[ext.Extent]], allocated: int) -> bool:
+    def _commit_at_gen(self, changed: dict[int, list[ext.Extent]], allocated: int, *,
+                       clear_dirty: bool = False) -> bool:
         """ONE fenced KV batch (one Raft entry) with every changed record (module doc)."""
         kv_pb2 = _kv_pb2()
         fence = [self._epoch_condition(), kv_pb2.Condition(keyspace="meta", key=GEN_KEY, value_equals=u64(self.gen))]
@@ -688,6 +746,8 @@ class Volume:
         muts.append(kv_pb2.Mutation(keyspace="meta", key=FLUSH_SEQ_KEY, put=u64(seq)))
         muts.append(kv_pb2.Mutation(keyspace="meta", key=ALLOCATED_KEY, put=u64(max(0, allocated))))
         muts.append(kv_pb2.Mutation(keyspace="changelog", key=u64(seq), put=log_entry))
+        if clear_dirty:
+            muts.append(kv_pb2.Mutation(keyspace="meta", key=DIRTY_KEY, delete=True))
         if len(fence) + len(muts) > limits.BATCH_OPS_MAX or record_bytes > RECORD_BYTES_PER_FLUSH:
             # The buffer's segment bound and _fit_one_batch make this impossible;
             # refuse (the data stays buffered) rather than split a flush.

@@ -73,7 +73,7 @@ HOLE_RUN_CHARGE_BYTES = 64
 
 # Dirty segments (live and frozen together) at most: one flush's records must
 # fit one KV batch of at most kv/limits.py BATCH_OPS_MAX (256) operations, of
-# which a flush needs five for its fence and bookkeeping.
+# which a flush needs six for its fence and bookkeeping.
 MAX_SEGMENTS_DEFAULT = 240
 
 # (offset, length, data bytes or None for a hole). In a Frozen set offsets are

@@ -136,7 +136,7 @@ class VolumeSettings:
     lease has gone unrenewed this long.
     high_water_bytes / max_dirty_segments: the write-back buffer's bounds
     (writers past either wait for a flush; the segment bound keeps one flush
-    one Raft command, so it is at most 251).
+    one Raft command, so it is at most 250).
     flush_after_s / flush_dirty_bytes: the background flush's age and size
     triggers.
     cache_bytes: the read cache of immutable blob bytes, per volume.
@@ -287,8 +287,8 @@ def parse(text: str) -> NodeConfig:
     if not 1 <= cfg.blob.w <= cfg.blob.r:
         raise ConfigError(f"blob.w must be between 1 and blob.r, got w={cfg.blob.w} r={cfg.blob.r}")
     v = cfg.volume
-    if not 1 <= v.max_dirty_segments <= 251:
-        raise ConfigError(f"volume.max_dirty_segments must be in [1, 251] (one flush is one KV batch), "
+    if not 1 <= v.max_dirty_segments <= 250:
+        raise ConfigError(f"volume.max_dirty_segments must be in [1, 250] (one flush is one KV batch), "
                           f"got {v.max_dirty_segments}")
     if not 0 < v.soft_threshold_pct <= 100:
         raise ConfigError(f"volume.soft_threshold_pct must be in (0, 100], got {v.soft_threshold_pct}")

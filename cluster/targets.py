@@ -130,6 +130,10 @@ class VolumeDevice:
     def soft_threshold_event(self) -> bool:
         return bool(self.volume.soft_threshold_event())
 
+    @property
+    def writes_lost(self) -> bool:
+        return self.volume.writes_lost
+
 
 class KVReservations:
     """Persistent reservation state (iscsi/reservations.py ReservationStore) in the volume's

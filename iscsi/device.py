@@ -93,3 +93,10 @@ class BlockDevice(Protocol):
     def soft_threshold_event(self) -> bool:
         """True once each time mapped bytes cross the thin-provisioning soft threshold."""
         ...
+
+    @property
+    def writes_lost(self) -> bool:
+        """True when this device took the volume over from an owner that died holding
+        acknowledged writes no flush had made durable (blockdev/volume.py): the target
+        must not answer the next SYNCHRONIZE CACHE of any I_T nexus with GOOD."""
+        ...

@@ -56,6 +56,8 @@ class MemDevice:
         self._above_soft = False
         self._soft_event = False
         self.flushes = 0
+        # Set by tests: as if this device took over from an owner that lost cached writes.
+        self.writes_lost = False
         self.fua_writes = 0
         self.writes = 0
 

@@ -66,6 +66,7 @@ from iscsi.sense import (
     SAVING_PARAMETERS_NOT_SUPPORTED,
     SPACE_ALLOCATION_FAILED_WRITE_PROTECT,
     THIN_PROVISIONING_SOFT_THRESHOLD_REACHED,
+    WRITE_ERROR,
     FieldPointer,
     SenseCode,
     fixed_sense,
@@ -435,6 +436,7 @@ class LogicalUnit:
         saved = self._store.load()  # may raise Unavailable: the volume cannot be served without it
         self._pr: PrState = PrState.from_bytes(saved) if saved is not None else PrState()
         self._lock = threading.Lock()  # unit attention queues, SPC-2 reservation
+        self._lost_writes_reported: set[NexusId] = set()  # nexuses told of writes lost at takeover
         self._pr_lock = threading.Lock()  # serialises reservation changes across the store's save
         self._nexuses: OrderedDict[NexusId, deque[SenseCode]] = OrderedDict()
         self._spc2_holder: NexusId | None = None
@@ -1111,6 +1113,17 @@ class LogicalUnit:
         lba, blocks = _lba_and_length(cdb)
         self._check_range(cdb, lba, blocks)
         self._flush_barrier()
+        if self._device.writes_lost:
+            # The previous owner died holding this initiator's acknowledged, unflushed
+            # writes: GOOD would claim them durable. Each I_T nexus hears it once, as a
+            # write error (MEDIUM ERROR 0Ch/00h), which initiators report instead of
+            # retrying (QEMU retries the reset UNIT ATTENTION silently).
+            with self._lock:
+                first = req.nexus_id not in self._lost_writes_reported
+                self._lost_writes_reported.add(req.nexus_id)
+            if first:
+                log.warning("event=flush_reports_lost_writes nexus=%s", req.nexus_id)
+                raise CheckCondition(WRITE_ERROR)
         return ScsiResult(GOOD)
 
     def _cmd_write_same(self, req: Request) -> ScsiResult:

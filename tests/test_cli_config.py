@@ -493,8 +493,8 @@ def test_blob_section_is_checked(blob: str, message: str) -> None:
 
 
 @pytest.mark.parametrize("volume, message", [
-    ("max_dirty_segments = 300", "volume.max_dirty_segments must be in [1, 251]"),
-    ("max_dirty_segments = 0", "volume.max_dirty_segments must be in [1, 251]"),
+    ("max_dirty_segments = 300", "volume.max_dirty_segments must be in [1, 250]"),
+    ("max_dirty_segments = 0", "volume.max_dirty_segments must be in [1, 250]"),
     ("soft_threshold_pct = 120.0", "volume.soft_threshold_pct"),
     ("lease_s = 0", "volume.lease_s must be positive"),
     ("high_water_bytes = 1.5", "non-negative int"),

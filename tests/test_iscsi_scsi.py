@@ -1318,3 +1318,22 @@ def test_fuzz_arbitrary_bytes_never_raise(cdb: bytes, data: bytes) -> None:
     result = lu.execute(A, cdb, data)
     if result.status == CHECK_CONDITION:
         parse_fixed_sense(result.sense)
+
+
+def test_a_takeover_that_lost_cached_writes_fails_each_nexus_first_flush() -> None:
+    """DESIGN.md §2 point 2: GOOD for SYNCHRONIZE CACHE only if every write that completed
+    before it is durable. When the device took over from an owner that died holding
+    acknowledged, unflushed writes, each I_T nexus's next flush says so (MEDIUM ERROR, WRITE
+    ERROR 0Ch/00h) instead of a GOOD that initiators retrying the reset UNIT ATTENTION would
+    take as 'durable'; after that, flushes are GOOD again."""
+    lu, device = make_lu()
+    ready(lu, A, B)
+    sync10 = bytes([0x35]) + bytes(9)
+    assert lu.execute(A, sync10).status == GOOD  # nothing was lost
+    device.writes_lost = True
+    assert_sense(lu.execute(A, sync10), S.WRITE_ERROR)
+    assert lu.execute(A, sync10).status == GOOD
+    sync16 = bytes([0x91]) + bytes(15)
+    assert_sense(lu.execute(B, sync16), S.WRITE_ERROR)
+    assert lu.execute(B, sync16).status == GOOD
+    assert device.flushes >= 5  # the flush itself still ran every time

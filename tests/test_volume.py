@@ -55,6 +55,7 @@ class VolumeModel(RuleBasedStateMachine):
         self.durable: dict[str, bytearray] = {"v": bytearray(SIZE)}
         self.snaps: dict[tuple[str, str], bytes] = {}
         self.clone_of: dict[str, tuple[str, str]] = {}
+        self.unflushed: dict[str, bool] = {"v": False}  # acknowledged writes no flush covered yet
         self.n = 0
 
     def _pick(self, i: int) -> str:
@@ -72,6 +73,7 @@ class VolumeModel(RuleBasedStateMachine):
         data = bytes(blocks * BS) if zero else bytes((seed + k) % 251 for k in range(blocks * BS))
         self.vols[name].write(lba, data, fua=fua)
         self._apply(name, lba, data)
+        self.unflushed[name] = not fua
         if fua:
             self.durable[name][:] = self.current[name]  # a FUA write flushes everything before it too
 
@@ -82,6 +84,7 @@ class VolumeModel(RuleBasedStateMachine):
         before = self.kv.applied
         self.vols[name].flush()
         self.durable[name][:] = self.current[name]
+        self.unflushed[name] = False
         # DESIGN.md §5: a flush is ONE Raft command (none when nothing is dirty).
         assert self.kv.applied - before == (1 if dirty else 0)
 
@@ -91,6 +94,7 @@ class VolumeModel(RuleBasedStateMachine):
         blocks = min(blocks, BLOCKS - lba)
         self.vols[name].unmap([(lba, blocks)])
         self._apply(name, lba, bytes(blocks * BS))
+        self.unflushed[name] = True
 
     @rule(i=st.integers(0, 9), lba=st.integers(0, BLOCKS - 1), blocks=st.integers(1, 3000),
           byte=st.sampled_from([0, 7]), unmap=st.booleans())
@@ -99,6 +103,7 @@ class VolumeModel(RuleBasedStateMachine):
         blocks = min(blocks, BLOCKS - lba)
         self.vols[name].write_same(lba, blocks, bytes([byte]) * BS, unmap=unmap)
         self._apply(name, lba, bytes([byte]) * (blocks * BS))
+        self.unflushed[name] = True
 
     @rule(i=st.integers(0, 9))
     def owner_crash_and_takeover(self, i: int) -> None:
@@ -108,6 +113,9 @@ class VolumeModel(RuleBasedStateMachine):
         node = "n2" if old.node_id == "n1" else "n1"
         self.vols[name] = open_volume(self.kv, self.blobs, node, name)
         self.current[name][:] = self.durable[name]  # unflushed writes vanish; flushed ones never
+        # ...and the new owner knows exactly when acknowledged writes may have vanished.
+        assert self.vols[name].writes_lost == self.unflushed[name]
+        self.unflushed[name] = False
 
     @rule(i=st.integers(0, 9))
     def snapshot(self, i: int) -> None:
@@ -116,6 +124,7 @@ class VolumeModel(RuleBasedStateMachine):
         snap = f"s{self.n}"
         self.vols[name].snapshot(snap)  # flushes first
         self.durable[name][:] = self.current[name]
+        self.unflushed[name] = False
         self.snaps[(name, snap)] = bytes(self.current[name])
 
     @rule(i=st.integers(0, 9))
@@ -138,6 +147,7 @@ class VolumeModel(RuleBasedStateMachine):
         self.vols[new] = open_volume(self.kv, self.blobs, "n1", new)
         self.current[new] = bytearray(self.snaps[(vol, snap)])
         self.durable[new] = bytearray(self.snaps[(vol, snap)])
+        self.unflushed[new] = False
         self.clone_of[new] = (vol, snap)
 
     @rule(k=st.integers(0, 99))
@@ -477,7 +487,7 @@ def test_a_flush_of_many_fragmented_segments_is_one_raft_command():
     assert len(v.buffer.dirty_segments()) == segments
     before = kv.applied
     v.flush()
-    assert kv.applied - before == 1 and kv.batch_ops[-1] == segments + 5
+    assert kv.applied - before == 1 and kv.batch_ops[-1] == segments + 6
     assert v.stats["segments_rewritten_to_fit"] >= 1
     assert v.read(0, info.blocks) == bytes(expect)
     v.crash()
@@ -511,7 +521,7 @@ def test_dirty_segments_are_bounded_so_every_flush_fits_one_command():
     v.flush()
     assert v.stats["flushes"] >= 64 // 8
     flush_batches = [n for n in kv.batch_ops if n >= 5]  # lease batches have 2 or 3 operations
-    assert flush_batches and max(flush_batches) <= 8 + 5
+    assert flush_batches and max(flush_batches) <= 8 + 6
     assert v.read(0, info.blocks) == bytes(expect)
     v.close()
     with pytest.raises(ValueError):
@@ -525,5 +535,5 @@ def test_punching_holes_where_nothing_is_stored_writes_no_records():
     before = kv.applied
     v.flush()
     assert kv.applied - before == 1  # the fenced flush_seq/changelog commit, with no records
-    assert kv.batch_ops[-1] == 5
+    assert kv.batch_ops[-1] == 6  # with the dirty marker's delete
     assert v.read(0, BLOCKS) == bytes(SIZE)
