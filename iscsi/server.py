@@ -85,6 +85,11 @@ class ServerLimits:
     worker_threads: int = 32
     # How often the session machines get a timer tick (NOP-In pings).
     tick_s: float = 1.0
+    # Decoded PDUs waiting for their connection's coroutine. Past it the reader stops
+    # reading the socket, so a peer that does not read our answers (our writes wait in
+    # drain) is not read either and TCP flow control holds what it keeps sending. At the
+    # 256 KiB data segment bound, 16 PDUs are at most 4 MiB per connection.
+    pdus_queued_max: int = 16
 
 
 def _lun_not_supported(cdb: bytes) -> ScsiResult:
@@ -106,6 +111,10 @@ class _Conn:
         self.reader = reader
         self.writer = writer
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        # Taken by the reader for each PDU it queues, given back when run() takes the PDU.
+        self.pdu_slots = asyncio.Semaphore(server.limits.pdus_queued_max)
+        # What SendTargets answers with, fetched from the catalog off the event loop.
+        self.visible_targets: list[tuple[str, list[str]]] = []
         self.decoder = P.Decoder(target=True, max_data_segment=server.target_limits.max_recv_data_segment_length)
         self.header_digest = False
         self.data_digest = False
@@ -151,6 +160,7 @@ class _Conn:
                     await self.events.put(("protocol_error", str(e)))
                     return
                 for p in pdus:
+                    await self.pdu_slots.acquire()
                     await self.events.put(("pdu", p))
         except (ConnectionError, OSError) as e:
             await self.events.put(("eof", str(e)))
@@ -168,6 +178,8 @@ class _Conn:
                 except TimeoutError:
                     await self.close("login did not complete in time")
                     break
+                if kind == "pdu":
+                    self.pdu_slots.release()
                 if kind in ("eof", "protocol_error"):
                     await self.close(value or "peer closed")
                     break
@@ -225,7 +237,6 @@ class _Conn:
             if not self.server._admit(self):
                 await self.close("too many sessions to this target")
                 return False
-        initiator = prm.initiator_name
         cfg = SessionConfig(
             nexus=nexus, discovery=discovery, exp_cmdsn=prm.exp_cmdsn, statsn=prm.statsn,
             max_send_data_segment=prm.max_recv_data_segment_length_initiator,
@@ -234,7 +245,7 @@ class _Conn:
             initial_r2t=prm.initial_r2t, immediate_data=prm.immediate_data,
             max_outstanding_r2t=prm.max_outstanding_r2t,
             cmd_window=self.server.target_limits.cmd_window,
-            targets=lambda: self.server.catalog.targets(initiator),
+            targets=lambda: self.visible_targets,
         )
         self.nexus = nexus
         self.session = Session(cfg, expected_data_out=expected, now=time.monotonic())
@@ -246,6 +257,11 @@ class _Conn:
         session = self.session
         if session is None:
             return
+        if kind == "pdu" and isinstance(value, P.TextRequest) and self.nexus is not None:
+            # Catalog.targets may block (the cluster's reads every volume's ACL from the KV):
+            # ask it in a worker thread, before the session machine, which does no I/O, answers.
+            self.visible_targets = await asyncio.get_running_loop().run_in_executor(
+                self.server.pool, self.server.catalog.targets, self.nexus.initiator_name)
         now = time.monotonic()
         if kind == "pdu":
             actions = session.receive(value, now, bhs=value.bhs if isinstance(value, P.Invalid) else b"")

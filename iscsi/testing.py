@@ -1,8 +1,8 @@
 """Fakes for testing the target without a cluster (the trio `testing` idea).
 
 StaticCatalog serves fixed logical units (over iscsi/memdev.py or any
-BlockDevice) with fixed login policies; `serve_in_thread` starts an
-IscsiServer over it on loopback. MiniInitiator is a small blocking iSCSI
+BlockDevice) with fixed login policies (`python -m iscsi.testing` serves one
+over an in-memory device). MiniInitiator is a small blocking iSCSI
 initiator built on the same codec, for tests that need to send what real
 initiators never would (garbage, stalls, odd sequences).
 """
