@@ -284,7 +284,7 @@ class Volume:
             if applied:
                 self.epoch = new_epoch
                 self.writes_lost = dirty is not None
-                if self.writes_lost:
+                if dirty is not None:
                     log.warning("event=volume_writes_lost volume=%s node=%s epoch=%d previous=%s",
                                 self.info.name, self.node_id, new_epoch, msgpack.unpackb(dirty[0], raw=False))
                 break

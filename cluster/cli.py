@@ -181,6 +181,15 @@ def _cmd_bench_volume(args: argparse.Namespace) -> int:
     return 0 if rc is None else int(rc)
 
 
+def _cmd_bench_iscsi(args: argparse.Namespace) -> int:
+    bench = _import_optional("bench.iscsi", "the iSCSI benchmark")
+    try:
+        rc = bench.main(args)
+    except bench.BenchError as e:
+        raise CLIError(str(e)) from None
+    return 0 if rc is None else int(rc)
+
+
 # ---------------------------------------------------------------- cluster
 
 
@@ -590,6 +599,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=_positive_float, default=10.0, help="length of each workload (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_bench_volume)
+    p = bench_sub.add_parser("iscsi", help="floe vs tgt over iSCSI: iscsi-perf reads, qemu-img bench writes "
+                             "(bench/iscsi.py)")
+    p.add_argument("--data-dir", default=".floe-bench-iscsi", metavar="DIR",
+                   help="the benchmark's directory: floe cluster, tgt backing file (default .floe-bench-iscsi; "
+                        "wiped first)")
+    p.add_argument("--seconds", type=_positive_float, default=10.0, help="length of each run (default 10)")
+    p.add_argument("--size", default="1G", help="volume and tgt LUN size, e.g. 1G, 512M (default 1G)")
+    p.add_argument("--png", default="docs/bench-iscsi.png", metavar="PATH",
+                   help="bar chart to write (default docs/bench-iscsi.png; '' for none)")
+    p.add_argument("--profile", action="store_true",
+                   help="run each workload once more on floe under py-spy (the volume owner) and print where the "
+                        "time goes")
+    p.add_argument("--seed", type=int, default=None, help="seed of the fill image (default random, printed)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_bench_iscsi)
     return parser
 
 
