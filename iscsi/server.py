@@ -28,6 +28,7 @@ wait for the socket to drain before the next event is taken).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -206,7 +207,15 @@ class _Conn:
             return
         step = await asyncio.get_running_loop().run_in_executor(self.server.pool, login.receive, value)
         if step.done and step.params is not None:
-            if not await self._start_session(step.params):
+            refused = await self._start_session(step.params)
+            if refused is not None:
+                # RFC 7143 §11.13.5: a status the initiator can act on (0301h: retry later;
+                # 0302h: out of resources) rather than a bare close after a good negotiation.
+                status, why = refused
+                self.send(dataclasses.replace(step.response, status_class=status >> 8, status_detail=status & 0xFF,
+                                              transit=False, nsg=0, tsih=0, data=b""))
+                await self.writer.drain()
+                await self.close(why)
                 return
         self.send(step.response)
         if step.close:
@@ -218,8 +227,9 @@ class _Conn:
             self.header_digest, self.data_digest = prm.header_digest, prm.data_digest
             self.decoder.header_digest, self.decoder.data_digest = prm.header_digest, prm.data_digest
 
-    async def _start_session(self, prm: SessionParams) -> bool:
-        """Build the session machine before the final login response goes out."""
+    async def _start_session(self, prm: SessionParams) -> tuple[int, str] | None:
+        """Build the session machine before the final login response goes out; or say why
+        not: (login status, reason)."""
         loop = asyncio.get_running_loop()
         discovery = prm.session_type == "Discovery"
         target = prm.target_name or ""
@@ -230,13 +240,12 @@ class _Conn:
                 self.lu = await loop.run_in_executor(self.server.pool, self.server.catalog.logical_unit, target)
             except Exception as e:  # noqa: BLE001 - the volume could not be opened here
                 log.warning("event=iscsi_lu_unavailable target=%s error=%s", target, e)
-                await self.close(f"logical unit unavailable: {e}")
-                return False
+                return 0x0301, f"logical unit unavailable: {e}"  # SERVICE UNAVAILABLE
             expected = self.lu.expected_data_out
             self.key = (prm.initiator_name, bytes(prm.isid), target)
             if not self.server._admit(self):
-                await self.close("too many sessions to this target")
-                return False
+                self.key = None
+                return 0x0302, "too many sessions to this target"  # OUT OF RESOURCES
         cfg = SessionConfig(
             nexus=nexus, discovery=discovery, exp_cmdsn=prm.exp_cmdsn, statsn=prm.statsn,
             max_send_data_segment=prm.max_recv_data_segment_length_initiator,
@@ -251,7 +260,7 @@ class _Conn:
         self.session = Session(cfg, expected_data_out=expected, now=time.monotonic())
         log.info("event=iscsi_session_started peer=%s initiator=%s target=%s isid=%s", self.peer,
                  prm.initiator_name, target or "(discovery)", bytes(prm.isid).hex())
-        return True
+        return None
 
     async def _session_event(self, kind: str, value: Any) -> None:
         session = self.session
@@ -367,14 +376,15 @@ class IscsiServer:
         if conn.key is None:
             return True
         old = self._sessions.get(conn.key)
+        # Count the others first: a refused login must not end the session it would reinstate.
+        count = sum(1 for k in self._sessions if k[2] == conn.key[2] and k != conn.key)
+        if count >= self.limits.sessions_per_target_max:
+            self.stats["refused"] += 1
+            return False
         if old is not None and old is not conn:
             log.info("event=iscsi_session_reinstated initiator=%s target=%s", conn.key[0], conn.key[2])
             asyncio.get_running_loop().create_task(old.close("session reinstated"))
             self._sessions.pop(conn.key, None)
-        count = sum(1 for k in self._sessions if k[2] == conn.key[2])
-        if count >= self.limits.sessions_per_target_max:
-            self.stats["refused"] += 1
-            return False
         self._sessions[conn.key] = conn
         self.stats["sessions"] += 1
         return True

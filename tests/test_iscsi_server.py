@@ -34,6 +34,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -1005,5 +1006,42 @@ def test_a_lun_other_than_zero_is_not_supported(portal: Portal) -> None:
         status, _, sense = command_on_lun(ini, TEST_UNIT_READY, LUN_1)
         assert status == CHECK_CONDITION and sense_of(sense) == tuple(S.LOGICAL_UNIT_NOT_SUPPORTED)
         round_trip(ini, 700, random.Random(13))
+    finally:
+        ini.close()
+
+
+def test_a_login_past_sessions_per_target_max_gets_out_of_resources(serve: Callable[..., Portal]) -> None:
+    """RFC 7143 §11.13.5: 0302h, not a bare close; and the refused login does not end the
+    session it would have reinstated."""
+    portal = serve(ServerLimits(sessions_per_target_max=1))
+    rng = random.Random(1)
+    first = portal.session()
+    try:
+        second = portal.initiator()
+        try:
+            rsp = second.login(TARGET)
+            assert login_status(rsp) == 0x0302 and rsp.tsih == 0 and not rsp.transit
+            assert closed_by_server(second.sock)
+        finally:
+            second.close()
+        round_trip(first, 16, rng)  # the first session goes on
+    finally:
+        first.close()
+
+
+class UnopenableCatalog(StaticCatalog):
+    """A catalog whose logical units cannot be opened (as a volume without quorum)."""
+
+    def logical_unit(self, target_name: str) -> Any:
+        raise RuntimeError("no quorum (test)")
+
+
+def test_a_target_whose_volume_cannot_open_answers_service_unavailable(serve: Callable[..., Portal]) -> None:
+    portal = serve(catalog=UnopenableCatalog())
+    ini = portal.initiator()
+    try:
+        rsp = ini.login(TARGET)
+        assert login_status(rsp) == 0x0301  # initiators retry later
+        assert closed_by_server(ini.sock)
     finally:
         ini.close()
