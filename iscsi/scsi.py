@@ -1126,6 +1126,16 @@ class LogicalUnit:
                 raise CheckCondition(WRITE_ERROR)
         return ScsiResult(GOOD)
 
+    def _cmd_pre_fetch(self, req: Request) -> ScsiResult:
+        """PRE-FETCH(10/16) (SBC-3 §5.10, §5.11): a hint to read blocks into the cache. floe
+        keeps no per-LBA cache to fill ahead, so after the range check the answer is GOOD,
+        which SBC-3 allows when the blocks are not guaranteed to be cached (CONDITION MET
+        would promise they are). PREFETCH LENGTH 0 means to the end of the medium."""
+        cdb = req.cdb
+        lba, blocks = _lba_and_length(cdb)
+        self._check_range(cdb, lba, blocks)
+        return ScsiResult(GOOD)
+
     def _cmd_write_same(self, req: Request) -> ScsiResult:
         """WRITE SAME(10/16) (SBC-3 §5.41, §5.42). UNMAP=1 with the zero block punches
         holes (LBPRZ=1); NDOB=1 (16 only) means a zero block without Data-Out. ANCHOR is
@@ -1368,6 +1378,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "WRITE AND VERIFY(10)", _u("2e" + _V10), LU._cmd_write_and_verify, Access.WRITE, _block_data, maps_blocks=True
     ),
     CommandSpec("VERIFY(10)", _u("2f" + _V10), LU._cmd_verify, Access.READ, _verify_data),
+    CommandSpec("PRE-FETCH(10)", _u("34 02 ffffffff 1f ffff 04"), LU._cmd_pre_fetch, Access.READ, _no_data),
     CommandSpec(
         "SYNCHRONIZE CACHE(10)",
         _u("35 06 ffffffff 1f ffff 04"),
@@ -1399,6 +1410,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "WRITE AND VERIFY(16)", _u("8e" + _V16), LU._cmd_write_and_verify, Access.WRITE, _block_data, maps_blocks=True
     ),
     CommandSpec("VERIFY(16)", _u("8f" + _V16), LU._cmd_verify, Access.READ, _verify_data),
+    CommandSpec("PRE-FETCH(16)", _u("90 02 ffffffffffffffff ffffffff 1f 04"), LU._cmd_pre_fetch, Access.READ,
+                _no_data),
     CommandSpec(
         "SYNCHRONIZE CACHE(16)",
         _u("91 06 ffffffffffffffff ffffffff 1f 04"),

@@ -843,7 +843,7 @@ def test_start_stop_unit_and_prevent_allow_on_a_fixed_medium() -> None:
     assert_sense(lu.execute(A, bytes([0x1E, 0, 0, 0, 2, 0])), S.INVALID_FIELD_IN_CDB)
 
 
-@pytest.mark.parametrize("opcode", [0x04, 0x07, 0x2B, 0x34, 0x3B, 0x83, 0x84, 0x9F, 0xC0, 0xFF])
+@pytest.mark.parametrize("opcode", [0x04, 0x07, 0x2B, 0x3B, 0x83, 0x84, 0x9F, 0xC0, 0xFF])
 def test_unsupported_opcodes_are_invalid_command_operation_code(opcode: int) -> None:
     lu, _ = fresh()
     assert_sense(lu.execute(A, bytes([opcode]) + bytes(15)), S.INVALID_COMMAND_OPERATION_CODE)
@@ -1337,3 +1337,17 @@ def test_a_takeover_that_lost_cached_writes_fails_each_nexus_first_flush() -> No
     assert_sense(lu.execute(B, sync16), S.WRITE_ERROR)
     assert lu.execute(B, sync16).status == GOOD
     assert device.flushes >= 5  # the flush itself still ran every time
+
+
+def test_pre_fetch_checks_its_range_and_answers_good() -> None:
+    """PRE-FETCH(10/16) (SBC-3 §5.10, §5.11): GOOD in range (with IMMED and a group number
+    too), LBA OUT OF RANGE past the end."""
+    lu, _device = fresh()
+    pf10 = bytes([0x34, 0x02]) + (0).to_bytes(4, "big") + bytes([3]) + (8).to_bytes(2, "big") + b"\0"
+    assert lu.execute(A, pf10).status == GOOD
+    past = bytes([0x34, 0]) + (BLOCKS - 1).to_bytes(4, "big") + b"\0" + (2).to_bytes(2, "big") + b"\0"
+    assert_sense(lu.execute(A, past), S.LBA_OUT_OF_RANGE)
+    pf16 = bytes([0x90, 0]) + (0).to_bytes(8, "big") + (BLOCKS).to_bytes(4, "big") + b"\0\0"
+    assert lu.execute(A, pf16).status == GOOD
+    past16 = bytes([0x90, 0]) + (BLOCKS).to_bytes(8, "big") + (1).to_bytes(4, "big") + b"\0\0"
+    assert_sense(lu.execute(A, past16), S.LBA_OUT_OF_RANGE)
