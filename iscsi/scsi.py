@@ -436,7 +436,7 @@ class LogicalUnit:
         saved = self._store.load()  # may raise Unavailable: the volume cannot be served without it
         self._pr: PrState = PrState.from_bytes(saved) if saved is not None else PrState()
         self._lock = threading.Lock()  # unit attention queues, SPC-2 reservation
-        self._lost_writes_reported: set[NexusId] = set()  # nexuses told of writes lost at takeover
+        self._lost_writes_reported: set[str] = set()  # initiators told of writes lost at takeover
         self._pr_lock = threading.Lock()  # serialises reservation changes across the store's save
         self._nexuses: OrderedDict[NexusId, deque[SenseCode]] = OrderedDict()
         self._spc2_holder: NexusId | None = None
@@ -1114,13 +1114,14 @@ class LogicalUnit:
         self._check_range(cdb, lba, blocks)
         self._flush_barrier()
         if self._device.writes_lost:
-            # The previous owner died holding this initiator's acknowledged, unflushed
-            # writes: GOOD would claim them durable. Each I_T nexus hears it once, as a
-            # write error (MEDIUM ERROR 0Ch/00h), which initiators report instead of
-            # retrying (QEMU retries the reset UNIT ATTENTION silently).
+            # The previous owner died holding acknowledged, unflushed writes: GOOD would
+            # claim them durable. Each initiator (by name: a reconnecting initiator comes
+            # back as a new I_T nexus) hears it once, on its first flush here, as a write
+            # error (MEDIUM ERROR 0Ch/00h), which initiators report instead of retrying
+            # (QEMU retries the reset UNIT ATTENTION silently).
             with self._lock:
-                first = req.nexus_id not in self._lost_writes_reported
-                self._lost_writes_reported.add(req.nexus_id)
+                first = req.nexus.initiator_name not in self._lost_writes_reported
+                self._lost_writes_reported.add(req.nexus.initiator_name)
             if first:
                 log.warning("event=flush_reports_lost_writes nexus=%s", req.nexus_id)
                 raise CheckCondition(WRITE_ERROR)

@@ -218,10 +218,15 @@ def test_flushed_writes_survive_a_raft_leader_sigkill_during_qemu_io(cluster):
     need("qemu-io")
     target = create(cluster, "kill", "128M")
     ps = portals(cluster)
+    layout = launcher.load_layout(cluster)
+    leader = cu.leader_id(cluster)
+    # The first login opens the volume on that node: make the owner a follower, so the kill
+    # takes the Raft leader only (QEMU reconnects to the portal it logged in to).
+    via = next(p for n, p in zip(layout.nodes, ps, strict=True) if n.id != leader)
+    ps = [via, *[p for p in ps if p != via]]
     qemu_io(url(ps[0], target), "write -P 0x5a 0 4M", "flush")
     owner = owner_of(cluster, "kill")
-    leader = cu.leader_id(cluster)
-    layout = launcher.load_layout(cluster)
+    assert owner != leader
     # Write through QEMU while the leader dies; the flush at the end must succeed
     # (after the election) and cover everything.
     proc = subprocess.Popen(["qemu-io", "-f", "raw", *sum((["-c", f"write -P {0x60 + i} {4 + i}M 1M"]

@@ -1323,7 +1323,7 @@ def test_fuzz_arbitrary_bytes_never_raise(cdb: bytes, data: bytes) -> None:
 def test_a_takeover_that_lost_cached_writes_fails_each_nexus_first_flush() -> None:
     """DESIGN.md §2 point 2: GOOD for SYNCHRONIZE CACHE only if every write that completed
     before it is durable. When the device took over from an owner that died holding
-    acknowledged, unflushed writes, each I_T nexus's next flush says so (MEDIUM ERROR, WRITE
+    acknowledged, unflushed writes, each initiator's next flush says so (MEDIUM ERROR, WRITE
     ERROR 0Ch/00h) instead of a GOOD that initiators retrying the reset UNIT ATTENTION would
     take as 'durable'; after that, flushes are GOOD again."""
     lu, device = make_lu()
@@ -1336,7 +1336,11 @@ def test_a_takeover_that_lost_cached_writes_fails_each_nexus_first_flush() -> No
     sync16 = bytes([0x91]) + bytes(15)
     assert_sense(lu.execute(B, sync16), S.WRITE_ERROR)
     assert lu.execute(B, sync16).status == GOOD
-    assert device.flushes >= 5  # the flush itself still ran every time
+    # A reconnecting initiator is a new nexus (another ISID) of the same initiator: told once only.
+    a2 = Nexus(A.initiator_name, bytes.fromhex("800000000009"), TARGET)
+    ready(lu, a2)
+    assert lu.execute(a2, sync10).status == GOOD
+    assert device.flushes >= 6  # the flush itself still ran every time
 
 
 def test_pre_fetch_checks_its_range_and_answers_good() -> None:
