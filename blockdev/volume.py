@@ -103,6 +103,8 @@ RECORD_BYTES_PER_FLUSH = 36 * 1024
 # conditions, flush_seq, allocated bytes, the changelog entry and the dirty
 # marker's delete.
 FLUSH_FIXED_OPS = 6
+# A segment mutation's protobuf envelope at most: field tags and length prefixes.
+RECORD_ENVELOPE_BYTES = 12
 ZERO_CHUNK = 4096
 # The background compactor rewrites idle segments with more extents than this.
 COMPACT_MIN_EXTENTS = 16
@@ -740,7 +742,7 @@ class Volume:
         fence = [self._epoch_condition(), kv_pb2.Condition(keyspace="meta", key=GEN_KEY, value_equals=u64(self.gen))]
         muts = [kv_pb2.Mutation(keyspace="segments", key=segment_key(seg, self.gen), put=ext.encode(rec))
                 for seg, rec in sorted(changed.items())]
-        record_bytes = sum(_record_bytes(seg, rec) for seg, rec in changed.items())
+        record_bytes = sum(len(m.key) + len(m.put) + len(m.keyspace) + RECORD_ENVELOPE_BYTES for m in muts)
         seq = self.flush_seq + 1
         log_entry = msgpack.packb({"segments": sorted(changed), "gen": self.gen, "epoch": self.epoch})
         muts.append(kv_pb2.Mutation(keyspace="meta", key=FLUSH_SEQ_KEY, put=u64(seq)))
@@ -808,7 +810,7 @@ class Volume:
 def _record_bytes(seg: int, rec: list[ext.Extent]) -> int:
     """What a record takes in a flush's batch, at most: its key, its value and
     the protobuf envelope of the mutation (tags and length prefixes, <= 12 bytes)."""
-    return len(segment_key(seg, 0)) + len(ext.encode(rec)) + len("segments") + 12
+    return len(segment_key(seg, 0)) + len(ext.encode(rec)) + len("segments") + RECORD_ENVELOPE_BYTES
 
 
 def _split_zero_runs(s_off: int, data: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, bytes]]]:

@@ -303,6 +303,15 @@ def _lba_and_length(cdb: bytes) -> tuple[int, int]:
     return _be(cdb[2:10]), _be(cdb[10:14])
 
 
+def _bytchk(cdb: bytes) -> int:
+    """BYTCHK of VERIFY / WRITE AND VERIFY (SBC-3 §5.28, §5.37): 00b range only, 01b compare
+    with the Data-Out; 10b and 11b are refused (INVALID FIELD IN CDB)."""
+    bytchk = (cdb[1] >> 1) & 0x3
+    if bytchk not in (0b00, 0b01):
+        raise CheckCondition(INVALID_FIELD_IN_CDB, field=FieldPointer(1, 2))
+    return bytchk
+
+
 def _length_field(cdb: bytes) -> FieldPointer:
     return FieldPointer({6: 4, 10: 7, 12: 6, 16: 10}[len(cdb)])
 
@@ -1066,9 +1075,7 @@ class LogicalUnit:
         compares them with the Data-Out."""
         cdb = req.cdb
         self._check_protect(cdb)
-        bytchk = (cdb[1] >> 1) & 0x3
-        if bytchk not in (0b00, 0b01):
-            raise CheckCondition(INVALID_FIELD_IN_CDB, field=FieldPointer(1, 2))
+        bytchk = _bytchk(cdb)
         lba, blocks = _lba_and_length(cdb)
         self._check_transfer(cdb, blocks)
         self._check_range(cdb, lba, blocks)
@@ -1086,9 +1093,7 @@ class LogicalUnit:
         offset of the first differing byte)."""
         cdb = req.cdb
         self._check_protect(cdb)
-        bytchk = (cdb[1] >> 1) & 0x3
-        if bytchk not in (0b00, 0b01):
-            raise CheckCondition(INVALID_FIELD_IN_CDB, field=FieldPointer(1, 2))
+        bytchk = _bytchk(cdb)
         lba, blocks = _lba_and_length(cdb)
         self._check_transfer(cdb, blocks)
         self._check_range(cdb, lba, blocks)
