@@ -139,6 +139,20 @@ def qemu_io(u: str, *cmds: str, timeout: float = 300) -> str:
     return out
 
 
+def qemu_io_when_reachable(u: str, *cmds: str, wait_s: float = 60) -> str:
+    """qemu-io, retried while the target cannot be opened yet (a login refused with 0301h
+    SERVICE UNAVAILABLE while the KV elects a leader, or a takeover in progress); a data
+    mismatch is never retried."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return qemu_io(u, *cmds)
+        except AssertionError as e:
+            if "can't open device" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_qemu_io_patterns_flushes_and_qemu_img_bench(cluster):
     need("qemu-io", "qemu-img")
     target = create(cluster, "qio", "256M")
@@ -240,13 +254,13 @@ def test_flushed_writes_survive_a_raft_leader_sigkill_during_qemu_io(cluster):
         if owner != leader:
             # The volume's owner survived: read through it.
             checks = ["read -P 0x5a 0 4M"] + [f"read -P {0x60 + i} {4 + i}M 1M" for i in range(16)]
-            alive = [p for n, p in zip(layout.nodes, ps, strict=True) if n.id != leader]
-            qemu_io(url(alive[0], target), *checks)
+            alive = [p for n, p in zip(layout.nodes, portals(cluster), strict=True) if n.id != leader]
+            qemu_io_when_reachable(url(alive[0], target), *checks)
     finally:
         launcher.start(cluster, leader)
         cu.leader_id(cluster, wait_s=30)
     checks = ["read -P 0x5a 0 4M"] + [f"read -P {0x60 + i} {4 + i}M 1M" for i in range(16)]
-    qemu_io(url(ps[0], target), *checks)
+    qemu_io_when_reachable(url(ps[0], target), *checks)
 
 
 def test_a_volume_whose_owner_dies_is_taken_over_and_keeps_its_flushed_data(cluster):
