@@ -357,6 +357,7 @@ class WriteBuffer:
         self._live_bytes = 0  # sum of data_bytes over _live
         self._live_holes = 0  # sum of hole_runs over _live
         self._frozen: Frozen | None = None
+        self._frozen_only = 0  # frozen segments with no live runs (the segment bound counts them)
         self._generation = 0  # bumped by drop_all
         self._waiters: collections.deque[int] = collections.deque()  # tickets of waiting writers, oldest first
         self._next_ticket = 0
@@ -423,9 +424,8 @@ class WriteBuffer:
                 or len(self._live) >= self.flush_start_segments)
 
     def _dirty_segment_count(self) -> int:
-        if self._frozen is None:
-            return len(self._live)
-        return len(self._live) + sum(1 for seg in self._frozen.segments if seg not in self._live)
+        """Live and frozen segments, each once: O(1), since every write asks."""
+        return len(self._live) + self._frozen_only
 
     def _new_segments(self, segs: list[int]) -> int:
         """How many of `segs` are not dirty yet (live or frozen)."""
@@ -474,6 +474,8 @@ class WriteBuffer:
             segment = self._live.get(seg)
             if segment is None:
                 segment = self._live[seg] = _Segment()
+                if self._frozen is not None and seg in self._frozen.segments:
+                    self._frozen_only -= 1
             before_bytes, before_holes = segment.data_bytes, segment.hole_runs
             segment.put(s_off, s_off + n, None if data is None else data[pos : pos + n])
             self._live_bytes += segment.data_bytes - before_bytes
@@ -559,6 +561,7 @@ class WriteBuffer:
                 generation=self._generation,
             )
             self._frozen = frozen
+            self._frozen_only = len(frozen.segments)
             self._live = {}
             self._live_bytes = 0
             self._live_holes = 0
@@ -577,6 +580,7 @@ class WriteBuffer:
         with self._cond:
             if self._take(frozen, "release"):
                 self._frozen = None
+                self._frozen_only = 0
                 self._cond.notify_all()
 
     def unfreeze(self, frozen: Frozen) -> None:
@@ -595,6 +599,7 @@ class WriteBuffer:
             self._live_bytes = sum(s.data_bytes for s in self._live.values())
             self._live_holes = sum(s.hole_runs for s in self._live.values())
             self._frozen = None
+            self._frozen_only = 0
             self._cond.notify_all()
 
     def drop_all(self) -> None:
@@ -607,6 +612,7 @@ class WriteBuffer:
             self._live_bytes = 0
             self._live_holes = 0
             self._frozen = None
+            self._frozen_only = 0
             self._generation += 1
             self._cond.notify_all()
 
@@ -623,6 +629,9 @@ class WriteBuffer:
                 raise BufferInvariantError("live byte count is wrong")
             if self._live_holes != sum(s.hole_runs for s in self._live.values()):
                 raise BufferInvariantError("live hole count is wrong")
+            frozen_only = 0 if self._frozen is None else sum(1 for g in self._frozen.segments if g not in self._live)
+            if self._frozen_only != frozen_only:
+                raise BufferInvariantError("frozen-only segment count is wrong")
 
     def live_runs(self) -> dict[int, list[Piece]]:
         """A copy of the live runs per segment, as a freeze would return them (for tests and tools)."""
