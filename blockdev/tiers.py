@@ -58,6 +58,18 @@ class ClusterBlobs:
         self.cluster.put(data, h)
         return h
 
+    def put_many(self, datas: Sequence[bytes]) -> list[bytes]:
+        """All of a flush's blobs in one call per replica (BlobCluster.put_many):
+        returns when every one is durable on W of R, like put."""
+        items = [(d, blob_hash(d)) for d in datas]
+        many = getattr(self.cluster, "put_many", None)
+        if many is None:
+            for d, h in items:
+                self.cluster.put(d, h)
+        else:
+            many(items)
+        return [h for _d, h in items]
+
     def get(self, h: bytes, offset: int, length: int) -> bytes:
         data, _size, _node = self.cluster.get(h, offset, length)
         return bytes(data)

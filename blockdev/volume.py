@@ -29,7 +29,8 @@ Flush (§2 point 2, §5). Under the flush lock (flushes are ordered; one that
 arrives while another runs waits, then covers what came after): freeze the
 buffer; per dirty segment, build one blob from its dirty runs (a segment whose
 record would pass EXTENTS_MAX is rewritten whole, as one blob; all-zero runs
-become holes), put the blobs to the object tier (W=2 of R=3 fsynced), then
+become holes), put the blobs to the object tier (W=2 of R=3 fsynced; all of
+them in one put_many, i.e. one call per replica, when the tier offers it), then
 commit ONE conditional KV batch (one Raft entry): every changed segment
 record, flush_seq+1 and a changelog entry, applied only if meta/epoch still
 holds our epoch. Only then is the frozen buffer released and the flush
@@ -55,7 +56,11 @@ COMPACT_MIN_EXTENTS extents, 32 at a time, committed like a flush.
 Reads take, under the map lock, the committed segment records and the
 buffer's overlay (frozen, then live) in one consistent view, then fetch only
 the blob ranges they need, outside the lock, through a bounded cache of
-immutable blob bytes (no invalidation: blobs never change).
+immutable blob bytes (no invalidation: blobs never change). A miss of a
+large or sequential read (one starting where a recent read ended) fetches the
+whole blob, checks its SHA-256 and caches it for the reads that follow; a miss
+of a small random read (at most RANGED_READ_MAX) fetches only its range, which
+the replica serves after checking the record's crc32c, and caches nothing.
 """
 
 from __future__ import annotations
@@ -112,22 +117,53 @@ COMPACT_MIN_EXTENTS = 16
 COMPACT_IDLE_S = 30.0
 # A volume whose segments keyspace holds more versions than this is read lazily.
 MAP_PRELOAD_MAX = 200_000
-# Blob puts in flight per flush.
+# Blob puts in flight per flush (a tier without put_many, and whole-segment rewrites).
 PUT_PARALLELISM = 16
+# A read of at most this many bytes of a blob that is not cached, and not part
+# of a sequential stream, fetches just its range (verified by the replica's
+# record checksum) and caches nothing: a random 4 KiB read must not pull and
+# hash a whole 1 MiB blob. Larger or sequential reads fetch the whole blob,
+# verify its SHA-256, and cache it for the reads that follow.
+RANGED_READ_MAX = 64 * 1024
+# How many recent read ends the volume remembers to recognise sequential streams.
+READ_STREAMS = 8
 
 
 class BlobTier(Protocol):
-    """What a volume needs of the object tier."""
+    """What a volume needs of the object tier. A tier may also offer
+    `put_many(datas) -> hashes`, storing every blob durably (W of R) in one
+    round per replica; a flush uses it when it is there (see `put_all`)."""
 
     def put(self, data: bytes) -> bytes:
         """Store durably (W of R replicas); returns the SHA-256."""
         ...
 
-    def get(self, h: bytes, offset: int, length: int) -> bytes: ...
+    def get(self, h: bytes, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the blob (length 0: the whole blob,
+        verified against its SHA-256)."""
+        ...
+
+
+def put_all(tier: BlobTier, datas: list[bytes], pool: ThreadPoolExecutor) -> list[bytes]:
+    """Every blob stored durably; their hashes, in order. One put_many when the
+    tier has it (a flush of 64 segments is then one call per replica, not 64),
+    else the puts in parallel."""
+    if not datas:
+        return []
+    many = getattr(tier, "put_many", None)
+    if many is not None:
+        hashes = list(many(datas))
+        if len(hashes) != len(datas):
+            raise RuntimeError(f"put_many returned {len(hashes)} hashes for {len(datas)} blobs")
+        return hashes
+    return list(pool.map(tier.put, datas))
 
 
 class BlobCache:
-    """LRU of whole immutable blobs, bounded in bytes."""
+    """LRU of whole immutable blobs, bounded in bytes. A miss fetches the whole
+    blob (SHA-256 verified) and caches it, unless the caller asks for just the
+    range (`ranged=True`: a small random read), which is fetched alone and not
+    cached."""
 
     def __init__(self, tier: BlobTier, max_bytes: int = 64 << 20) -> None:
         self.tier = tier
@@ -135,16 +171,20 @@ class BlobCache:
         self._lru: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.ranged = 0
 
-    def read(self, h: bytes, offset: int, length: int) -> bytes:
+    def read(self, h: bytes, offset: int, length: int, *, ranged: bool = False) -> bytes:
         with self._lock:
             data = self._lru.get(h)
             if data is not None:
                 self._lru.move_to_end(h)
                 self.hits += 1
                 return data[offset:offset + length]
-        self.misses += 1
+            self.misses += 1
+        if ranged and length > 0:
+            with self._lock:
+                self.ranged += 1
+            return self.tier.get(h, offset, length)
         data = self.tier.get(h, 0, 0)  # whole blob: verified end to end, cached for neighbours
         self.prime(h, data)
         return data[offset:offset + length]
@@ -189,6 +229,8 @@ class Volume:
         self.flush_seq = 0
         self._records: dict[int, list[ext.Extent]] = {}
         self._last_flush = time.monotonic()
+        # Where recent reads ended: a read starting at (or just past) one is sequential.
+        self._read_ends: collections.deque[int] = collections.deque(maxlen=READ_STREAMS)
         self._compacted_since_flush = False
         self.compact_idle_s = compact_idle_s
         self._map_complete = False  # every own record is in _records (loaded at open, kept by our flushes)
@@ -473,9 +515,13 @@ class Volume:
                 overlay = self.buffer.read_overlay(off, length)
         except KVError as e:
             raise Unavailable(f"reading the segment map: {e}") from e
+        ends = tuple(self._read_ends)  # a C-level copy: safe while readers append
+        sequential = any(0 <= off - e <= RANGED_READ_MAX for e in ends)
+        self._read_ends.append(off + length)
+        ranged = length <= RANGED_READ_MAX and not sequential
         try:
             for dst, plen, h, boff in fetches:
-                out[dst:dst + plen] = self.cache.read(h, boff, plen)
+                out[dst:dst + plen] = self.cache.read(h, boff, plen, ranged=ranged)
         except Exception as e:
             raise Unavailable(f"reading blob data: {e}") from e
         for dst, plen, data in overlay:
@@ -667,7 +713,7 @@ class Volume:
                     runs.extend(data_runs)
             plans[seg] = (holes, runs)
         blobs = {seg: b"".join(d for _o, d in runs) for seg, (_h, runs) in plans.items() if runs}
-        hashes = dict(zip(blobs, self._pool.map(self.blobs.put, blobs.values()), strict=True))
+        hashes = dict(zip(blobs, put_all(self.blobs, list(blobs.values()), self._pool), strict=True))
         changed: dict[int, list[ext.Extent]] = {}
         for seg, (holes, runs) in plans.items():
             rec = list(self._record(seg))

@@ -537,3 +537,82 @@ def test_punching_holes_where_nothing_is_stored_writes_no_records():
     assert kv.applied - before == 1  # the fenced flush_seq/changelog commit, with no records
     assert kv.batch_ops[-1] == 6  # with the dirty marker's delete
     assert v.read(0, BLOCKS) == bytes(SIZE)
+
+
+class CountingBlobs(MemBlobs):
+    """MemBlobs that records every get's range and offers put_many."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: list[tuple[int, int]] = []
+        self.put_many_calls: list[int] = []
+
+    def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes:
+        self.gets.append((offset, length))
+        return super().get(h, offset, length)
+
+    def put_many(self, datas: list[bytes]) -> list[bytes]:
+        self.put_many_calls.append(len(datas))
+        return [self.put(d) for d in datas]
+
+
+def _cold_volume(blobs: CountingBlobs) -> tuple[Volume, bytes]:
+    """A volume whose three segments are flushed (one blob each), reopened on
+    another node so nothing is cached."""
+    kv = MemKV()
+    v = open_volume(kv, blobs)
+    data = os.urandom(SIZE)
+    v.write(0, data)
+    v.flush()
+    v.close()
+    time.sleep(LEASE_S * 3)
+    w = open_volume(kv, blobs, node="n2")
+    blobs.gets.clear()
+    return w, data
+
+
+def test_a_small_random_read_fetches_only_its_range_and_a_sequential_one_the_whole_blob():
+    blobs = CountingBlobs()
+    v, data = _cold_volume(blobs)
+    # Random 4 KiB reads: each fetches its 4 KiB, nothing is cached.
+    for lba in (1000, 24, 3000, 517):
+        assert v.read(lba, 8) == data[lba * BS:(lba + 8) * BS]
+    assert blobs.gets and all(length == 8 * BS for _o, length in blobs.gets)
+    assert v.cache.ranged == 4 and v.cache.hits == 0
+    # A stream: the read right after the last one fetches the whole blob and
+    # caches it, so the rest of the stream is served from the cache.
+    blobs.gets.clear()
+    for i in range(1, 6):
+        lba = 517 + 8 * i
+        assert v.read(lba, 8) == data[lba * BS:(lba + 8) * BS]
+    assert blobs.gets == [(0, 0)]
+    assert v.cache.hits == 4
+    # A large read fetches whole blobs.
+    blobs.gets.clear()
+    assert v.read(BLOCKS - 512, 512) == data[-512 * BS:]
+    assert blobs.gets == [(0, 0)]
+    v.close()
+
+
+def test_a_flush_puts_all_its_blobs_in_one_put_many():
+    blobs = CountingBlobs()
+    v = open_volume(MemKV(), blobs)
+    expect = bytearray(SIZE)
+    for seg in range(3):
+        lba = seg * ext.SEGMENT_BYTES // BS + 8
+        d = os.urandom(4096)
+        v.write(lba, d)
+        expect[lba * BS:lba * BS + len(d)] = d
+    v.flush()
+    assert blobs.put_many_calls == [3]
+    d = os.urandom(BS)
+    v.write(0, d)
+    expect[:BS] = d
+    v.flush()
+    assert blobs.put_many_calls == [3, 1]
+    assert blobs.puts == 4
+    v.close()
+    time.sleep(LEASE_S * 3)
+    w = open_volume(v.kv, blobs, node="n2")
+    assert w.read(0, BLOCKS) == bytes(expect)
+    w.close()
