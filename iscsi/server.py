@@ -91,6 +91,10 @@ class ServerLimits:
     # drain) is not read either and TCP flow control holds what it keeps sending. At the
     # 256 KiB data segment bound, 16 PDUs are at most 4 MiB per connection.
     pdus_queued_max: int = 16
+    # A peer that has read none of our waiting answers for this long is dropped
+    # (its connection only: the session's commands are aborted as on any loss).
+    # Well past an initiator's NOP timeouts (open-iscsi: 5 s + 5 s; Windows: 15 s).
+    write_stall_s_max: float = 60.0
 
 
 def _lun_not_supported(cdb: bytes) -> ScsiResult:
@@ -133,7 +137,20 @@ class _Conn:
         if not self.closed:
             self.writer.write(P.encode(p, header_digest=self.header_digest, data_digest=self.data_digest))
 
-    async def close(self, why: str) -> None:
+    async def _drain(self) -> None:
+        """Wait while the transport holds more than its high-water mark; a peer that
+        reads nothing for write_stall_s_max loses the connection."""
+        if self.closed or self.writer.transport.get_write_buffer_size() == 0:
+            return  # nothing waiting: skip the coroutine machinery of drain()
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.server.limits.write_stall_s_max)
+        except TimeoutError:
+            await self.close(f"peer read none of our answers for {self.server.limits.write_stall_s_max:g} s",
+                             abort=True)
+
+    async def close(self, why: str, *, abort: bool = False) -> None:
+        """Close the connection; `abort` discards what the peer has not read (a plain
+        close would wait for it to be read, i.e. forever for a peer that reads nothing)."""
         if self.closed:
             return
         self.closed = True
@@ -142,7 +159,10 @@ class _Conn:
             self.session.close()
         self.server._forget(self)
         try:
-            self.writer.close()
+            if abort:
+                self.writer.transport.abort()
+            else:
+                self.writer.close()
         except (ConnectionError, OSError, RuntimeError) as e:  # the socket may be gone already
             log.debug("event=iscsi_close_error peer=%s error=%s", self.peer, e)
 
@@ -189,7 +209,7 @@ class _Conn:
                 else:
                     await self._session_event(kind, value)
                 if not self.closed:
-                    await self.writer.drain()
+                    await self._drain()
         except (ConnectionError, OSError) as e:
             await self.close(f"socket error: {e}")
         except Exception:
@@ -214,12 +234,12 @@ class _Conn:
                 status, why = refused
                 self.send(dataclasses.replace(step.response, status_class=status >> 8, status_detail=status & 0xFF,
                                               transit=False, nsg=0, tsih=0, data=b""))
-                await self.writer.drain()
+                await self._drain()
                 await self.close(why)
                 return
         self.send(step.response)
         if step.close:
-            await self.writer.drain()
+            await self._drain()
             await self.close("login refused or redirected")
             return
         if step.done and step.params is not None:
@@ -300,7 +320,7 @@ class _Conn:
             elif isinstance(a, TaskManagement):
                 self._task_management(a)
             elif isinstance(a, Close):
-                await self.writer.drain()
+                await self._drain()
                 await self.close(a.reason)
                 return
 

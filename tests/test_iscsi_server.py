@@ -1045,3 +1045,48 @@ def test_a_target_whose_volume_cannot_open_answers_service_unavailable(serve: Ca
         assert closed_by_server(ini.sock)
     finally:
         ini.close()
+
+
+def test_a_peer_that_stops_reading_loses_its_connection_after_write_stall_s_max(
+        serve: Callable[..., Portal]) -> None:
+    # The same never-reading peer: once the server's answers have waited write_stall_s_max
+    # unread, the connection is dropped (reset: what it holds for the peer is discarded),
+    # so a stuck initiator does not keep a connection and its session forever.
+    stall_s = 1.0
+    portal = serve(ServerLimits(write_stall_s_max=stall_s))
+    ini = portal.session()
+    ini.sock.settimeout(2.0)
+    payload = bytes(200 * 1024)
+    ended = False
+    try:
+        try:
+            while True:
+                ini.send(P.NopOut(itt=ini.itt, cmdsn=ini.cmdsn, expstatsn=ini.statsn, immediate=True,
+                                  data=payload))
+                ini.itt += 1
+        except TimeoutError:
+            pass  # the server stopped reading; its answers wait unread
+        except (ConnectionResetError, BrokenPipeError):
+            ended = True  # already dropped while we were still sending
+        if not ended:
+            time.sleep(stall_s + 1.0)
+            # Now read: a live connection would hand over every echo and then block
+            # (timeout); a dropped one ends in a reset or EOF well before.
+            ini.sock.settimeout(5.0)
+            try:
+                while ini.sock.recv(1 << 20):
+                    pass
+                ended = True
+            except (ConnectionResetError, BrokenPipeError):
+                ended = True
+            except TimeoutError:
+                pass
+        assert ended, "the server kept the connection of a peer that read nothing"
+    finally:
+        ini.close()
+    # And it serves new sessions.
+    other = portal.session()
+    try:
+        round_trip(other, 0, random.Random(9))
+    finally:
+        other.close()
