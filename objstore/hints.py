@@ -29,15 +29,23 @@ class HintLog:
 
     def add(self, blob_hash: bytes, targets: Iterable[str]) -> None:
         """Record, durably, that each target is owed a copy of the blob."""
+        self.add_many([(blob_hash, targets)])
+
+    def add_many(self, owed: Iterable[tuple[bytes, Iterable[str]]]) -> None:
+        """add() for many blobs in one synced write: a put_many that owes
+        copies of sixty-four blobs pays one fsync here, not sixty-four."""
         now = struct.pack("<d", time.time())
         with self._lock:
+            keys: set[bytes] = set()
             added = 0
             with self._db.write_batch(sync=True) as wb:
-                for t in targets:
-                    k = t.encode() + b"\0" + blob_hash
-                    if self._db.get(k) is None:
-                        added += 1
-                    wb.put(k, now)
+                for blob_hash, targets in owed:
+                    for t in targets:
+                        k = t.encode() + b"\0" + blob_hash
+                        if k not in keys and self._db.get(k) is None:
+                            added += 1
+                        keys.add(k)
+                        wb.put(k, now)
             self._count += added
 
     def remove(self, blob_hash: bytes, target: str) -> None:

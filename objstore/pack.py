@@ -45,6 +45,8 @@ for the batch, then writes all their index entries and the new checkpoint in
 one LevelDB WriteBatch with sync=True, and only then wakes the callers. So
 when `put` returns, the record is on disk *and* the index entry that finds it
 is; sixty-four concurrent puts cost a handful of fsyncs, not sixty-four.
+`put_many` queues all its requests at once, so sixty-four blobs from one
+caller (a volume flush, through the PutMany RPC) share a single batch.
 Dedup is decided by the writer under the index lock: content already indexed
 (and not quarantined) writes no record, its touched time is reset in the same
 synced batch, and the put returns True. `put_file` streams a large blob
@@ -134,7 +136,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import IO, BinaryIO, Final, TypeVar, cast
@@ -678,6 +680,11 @@ class BlobStream:
 class LocalStore:
     """One node's blob store (satisfies api.Replica). Thread-safe."""
 
+    # A whole-blob get() checks the content's SHA-256 against the hash asked
+    # for (see Reads above), so a coordinator reading its own copy need not
+    # hash it again (api.Replica).
+    checks_content_hash: Final = True
+
     def __init__(
         self,
         directory: str,
@@ -758,13 +765,35 @@ class LocalStore:
         if the blob was already here (its touched time is reset, durably).
         verified=True: the caller has just checked SHA-256(data) == h itself
         (the coordinator does, objstore/cluster.py), so it is not hashed twice."""
-        api.check_hash(h)
-        if len(data) > api.BLOB_BYTES_MAX:
-            raise InvalidBlob(f"blob of {len(data)} bytes exceeds {api.BLOB_BYTES_MAX}")
-        data = bytes(data)
-        if not verified and api.blob_hash(data) != h:
-            raise InvalidBlob("data does not match its hash")
+        data = _checked_put(data, h, verified)
         self._check_writable()
+        req = self._put_request(data, h)
+        self._submit([req])
+        return req.result
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]], *, verified: bool = False) -> builtins.list[bool]:
+        """put() of every (data, hash) pair, committed together: all requests
+        reach the writer's queue at once, so they share one group commit (one
+        pack fsync and one synced index batch) whenever they fit in one batch
+        (BATCH_REQUESTS_MAX / BATCH_BYTES_MAX; more take several, in order).
+        Per blob the rules of put(): hash, size and (unless verified) content
+        are checked for every item before anything is queued, so one bad item
+        stores nothing; compression is decided per blob; the result is True
+        where the blob was already here, an earlier item of the same call
+        included. A volume flush stores its segments' blobs this way, one
+        round instead of one per blob. If the writer fails part way the error
+        is raised and some items may be stored (harmless, as for put)."""
+        checked = [(_checked_put(data, h, verified), h) for data, h in items]
+        if not checked:
+            return []
+        self._check_writable()
+        reqs = [self._put_request(data, h) for data, h in checked]
+        self._submit(reqs)
+        return [r.result for r in reqs]
+
+    def _put_request(self, data: bytes, h: bytes) -> _Request:
+        """The writer request for a checked put: the record is encoded here,
+        in the caller's thread, unless the blob looks like a dedup."""
         self._count("puts")
         existing = self._load_entry(h)
         if existing is not None and existing.stored_size <= DEDUP_VERIFY_BYTES_MAX:
@@ -780,8 +809,7 @@ class LocalStore:
         else:
             hdr, stored = encode_blob(data, h)
             req = _Request(_PUT, h, nbytes=hdr.record_len, data=data, header=hdr, stored=stored)
-        self._submit([req])
-        return req.result
+        return req
 
     def put_file(self, f: BinaryIO, h: bytes, size: int) -> bool:
         """put() for exactly `size` bytes read from f, in bounded memory: the
@@ -837,18 +865,24 @@ class LocalStore:
 
     def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes:
         """Bytes [offset, offset+length) of the blob (length 0: to the end; a
-        range past the end is cut short). Every byte is crc-checked first."""
+        range past the end is cut short). Every byte is crc-checked first,
+        and a whole-blob read is checked against h (SHA-256) too."""
+        return self.get_range(h, offset, length)[0]
+
+    def get_range(self, h: bytes, offset: int = 0, length: int = 0) -> tuple[bytes, int]:
+        """(get(h, offset, length), the whole blob's size), both from the same
+        copy: a ranged reader learns the size without a second lookup."""
         api.check_hash(h)
         _check_range(offset, length)
         self._count("gets")
 
-        def read(fd: int, e: _Entry) -> bytes:
+        def read(fd: int, e: _Entry) -> tuple[bytes, int]:
             start, end = _clamp(e, offset, length)
             if e.size <= SMALL_BLOB_BYTES_MAX:
-                return self._read_small(fd, e, h, start, end)
+                return self._read_small(fd, e, h, start, end), e.size
             whole = start == 0 and end == e.size
             self._verify_copy(fd, e, h, content=whole)
-            return b"".join(self._iter_range(fd, e, h, start, end, whole))
+            return b"".join(self._iter_range(fd, e, h, start, end, whole)), e.size
 
         return self._on_copy(h, read)
 
@@ -1674,6 +1708,18 @@ class LocalStore:
     def _count(self, name: str, n: int = 1) -> None:
         with self._ctr_mu:
             self._ctr[name] += n
+
+
+def _checked_put(data: bytes, h: bytes, verified: bool) -> bytes:
+    """The data of a put, as bytes, once its hash, size and (unless the
+    caller has just checked it) content hash are right."""
+    api.check_hash(h)
+    if len(data) > api.BLOB_BYTES_MAX:
+        raise InvalidBlob(f"blob of {len(data)} bytes exceeds {api.BLOB_BYTES_MAX}")
+    data = bytes(data)
+    if not verified and api.blob_hash(data) != h:
+        raise InvalidBlob("data does not match its hash")
+    return data
 
 
 def _check_range(offset: int, length: int) -> None:

@@ -304,6 +304,94 @@ def test_group_commit_many_concurrent_puts_share_fsyncs(tmp_path, rng, monkeypat
         assert all(s.get(h) == d for d, h in blobs)
 
 
+def test_put_many_of_64_blobs_is_one_group_commit(tmp_path, rng, monkeypatch):
+    real_sync = durable.sync_file
+
+    def slow_sync(path: str, fd: int, dirty_from: int = 0, dirty_to: int | None = None) -> None:
+        time.sleep(0.005)  # a real disk's fsync, as above
+        real_sync(path, fd, dirty_from, dirty_to)
+
+    monkeypatch.setattr(durable, "sync_file", slow_sync)
+    with LocalStore(str(tmp_path)) as s:
+        blobs = [blob(rand_bytes(rng, 4096)) for _ in range(63)] + [blob(b"compressible " * 400)]
+        before = s.stats()
+        assert s.put_many(blobs) == [False] * 64
+        after = s.stats()
+        syncs, index_syncs = after["syncs"] - before["syncs"], after["index_syncs"] - before["index_syncs"]
+        print(f"put_many of 64 blobs: {syncs} pack fsyncs, {index_syncs} index syncs")
+        assert 1 <= syncs <= 2 and 1 <= index_syncs <= 2 and after["batches"] - before["batches"] <= 2
+        assert after["puts"] - before["puts"] == 64 and after["blobs"] == 64
+        assert all(s.get(h) == d for d, h in blobs)
+        info = s.info(blobs[-1][1])
+        assert info is not None and info.compression == "zstd"  # decided per blob, as put does
+        assert s.put_many([]) == []
+
+
+def test_put_many_reports_dedup_per_blob_and_resets_ages(tmp_path, rng):
+    clock = FakeClock()
+    with LocalStore(str(tmp_path), clock=clock) as s:
+        old = [blob(rand_bytes(rng, 1000)) for _ in range(3)]
+        new = [blob(rand_bytes(rng, 1000)) for _ in range(2)]
+        s.put_many(old)
+        clock.advance(100)
+        pack_before = s.stats()["pack_bytes"]
+        # An item repeated within the call is a dedup of the earlier one, as two puts in a row would be.
+        assert s.put_many([*old, *new, new[0]]) == [True, True, True, False, False, True]
+        st_ = s.stats()
+        assert st_["blobs"] == 5 and st_["pack_bytes"] == pack_before + 2 * (HEADER_BYTES + 1000)
+        assert all(s.info(h).age_s == 0.0 for _d, h in old)  # type: ignore[union-attr]
+
+
+def test_put_many_with_one_bad_item_stores_nothing(tmp_path, rng):
+    with LocalStore(str(tmp_path)) as s:
+        good = [blob(rand_bytes(rng, 500)) for _ in range(4)]
+        for bad in ((b"abc", hashlib.sha256(b"abd").digest()), (b"abc", bytes(31))):
+            with pytest.raises(InvalidBlob):
+                s.put_many([*good[:2], bad, *good[2:]])
+        assert s.stats()["blobs"] == 0 and s.stats()["puts"] == 0
+        assert s.put_many(good) == [False] * 4
+
+
+def test_put_many_verified_skips_the_hash_and_huge_inputs_take_several_batches(tmp_path, rng, monkeypatch):
+    from objstore.pack import BATCH_REQUESTS_MAX
+
+    with LocalStore(str(tmp_path)) as s:
+        n = BATCH_REQUESTS_MAX + 200
+        blobs = [blob(rand_bytes(rng, 64) + i.to_bytes(4, "little")) for i in range(n)]
+        hashed: list[int] = []
+        real = api.blob_hash
+        monkeypatch.setattr(api, "blob_hash", lambda d: hashed.append(len(d)) or real(d))
+        before = s.stats()
+        assert s.put_many(blobs, verified=True) == [False] * n
+        assert hashed == []  # the caller checked; the store does not hash again
+        monkeypatch.setattr(api, "blob_hash", real)
+        after = s.stats()
+        assert 2 <= after["batches"] - before["batches"] <= 4 and after["blobs"] == n
+        assert all(s.get(h) == d for d, h in blobs[:: n // 16])
+
+
+def test_get_range_returns_the_range_and_the_whole_size_without_hashing(tmp_path, rng, monkeypatch):
+    with LocalStore(str(tmp_path)) as s:
+        raw, hr = blob(rand_bytes(rng, 100_000))
+        z, hz = blob(b"a volume segment " * 6000)
+        s.put_many([(raw, hr), (z, hz)])
+        hashed: list[int] = []
+        real = api.blob_hash
+        monkeypatch.setattr(api, "blob_hash", lambda d: hashed.append(len(d)) or real(d))
+        assert s.get_range(hr, 4096, 4096) == (raw[4096:8192], len(raw))
+        assert s.get_range(hz, 10, 5) == (z[10:15], len(z))
+        assert s.get_range(hr, len(raw)) == (b"", len(raw))
+        assert hashed == []  # a range is checked by the record's crc32c alone
+        assert s.get_range(hr) == (raw, len(raw)) and hashed == [len(raw)]  # the whole blob: SHA-256 too
+        loc = s.locate(hr)
+        assert loc is not None
+        flip(loc.path, loc.offset + HEADER_BYTES + 50_000)
+        with pytest.raises(BlobCorrupt):
+            s.get_range(hr, 0, 10)  # the crc covers the whole record, not just the range
+        with pytest.raises(BlobNotFound):
+            s.get_range(hr, 0, 10)
+
+
 def test_concurrent_puts_of_the_same_content_store_one_copy(tmp_path, rng):
     with LocalStore(str(tmp_path)) as s:
         data, h = blob(rand_bytes(rng, 5000))
