@@ -519,6 +519,16 @@ class Volume:
         sequential = any(0 <= off - e <= RANGED_READ_MAX for e in ends)
         self._read_ends.append(off + length)
         ranged = length <= RANGED_READ_MAX and not sequential
+        if not overlay and len(fetches) == 1 and fetches[0][:2] == (0, length):
+            # One extent covers the whole read (a segment read in one piece): the
+            # cache's bytes as they are, without assembling a copy.
+            _dst, plen, h, boff = fetches[0]
+            try:
+                data = self.cache.read(h, boff, plen, ranged=ranged)
+            except Exception as e:
+                raise Unavailable(f"reading blob data: {e}") from e
+            self.stats["reads"] += 1
+            return data
         try:
             for dst, plen, h, boff in fetches:
                 out[dst:dst + plen] = self.cache.read(h, boff, plen, ranged=ranged)
