@@ -524,11 +524,11 @@ class Volume:
             # cache's bytes as they are, without assembling a copy.
             _dst, plen, h, boff = fetches[0]
             try:
-                data = self.cache.read(h, boff, plen, ranged=ranged)
+                whole = self.cache.read(h, boff, plen, ranged=ranged)
             except Exception as e:
                 raise Unavailable(f"reading blob data: {e}") from e
             self.stats["reads"] += 1
-            return data
+            return whole
         try:
             for dst, plen, h, boff in fetches:
                 out[dst:dst + plen] = self.cache.read(h, boff, plen, ranged=ranged)
