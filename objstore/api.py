@@ -10,7 +10,7 @@ behind it; an S3 backend would be another (DESIGN.md §4).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +22,12 @@ BLOB_BYTES_MAX = 64 * 1024 * 1024
 CHUNK_BYTES = 256 * 1024
 # PutSmall/GetSmall carry a blob (range) of at most this in one message.
 SMALL_BYTES_MAX = 1024 * 1024
+# PutMany carries at most this many blobs (each at most SMALL_BYTES_MAX) and
+# this many data bytes in one message. 256 blobs covers the small blobs of a
+# volume flush in one call; 4 MiB is four 1 MiB segments, the same as the
+# service's in-memory put bound, so one call holds no more than a Put may.
+PUT_MANY_BLOBS_MAX = 256
+PUT_MANY_BYTES_MAX = 4 * 1024 * 1024
 # Has() and List() page sizes.
 HAS_BATCH_MAX = 4096
 LIST_LIMIT_MAX = 4096
@@ -78,7 +84,22 @@ class VerifyResult:
 
 
 class Replica(Protocol):
-    """One node's copy store, local or remote."""
+    """One node's copy store, local or remote.
+
+    What a read verifies: every get checks the stored record's checksum
+    (crc32c over the whole record, so a range read catches a flip anywhere in
+    it) before returning a byte. Only a whole-blob read can be checked
+    against the content hash; the coordinator does that as the reader
+    (DESIGN.md §4), and a replica whose whole-blob get already checks
+    SHA-256(content) == h itself says so with a class attribute
+    `checks_content_hash = True` (the pack store does), so its own node does
+    not hash the blob twice. A range read is not hashed: hashing would need
+    the whole blob, and DESIGN.md §5 has volumes fetch only the ranges they
+    need; the record crc32c is what protects it.
+
+    Simple replicas (test fakes) may implement only put and get: callers use
+    the module functions put_many() and get_range(), which fall back to them.
+    """
 
     node_id: str
 
@@ -88,10 +109,20 @@ class Replica(Protocol):
         the data does not match h."""
         ...
 
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+        """put() of every (data, hash) pair, durable together (one group
+        commit when they fit one); per blob True if it was already there.
+        Raises InvalidBlob if any pair is wrong (then nothing is stored)."""
+        ...
+
     def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes:
         """The byte range [offset, offset+length) (length 0 = to the end) of
         the blob, from a copy whose record checksum held. Raises BlobNotFound,
         BlobCorrupt (and the copy is set aside, never served again)."""
+        ...
+
+    def get_range(self, h: bytes, offset: int = 0, length: int = 0) -> tuple[bytes, int]:
+        """(get(h, offset, length), the whole blob's size), from one copy."""
         ...
 
     def has(self, hashes: Iterable[bytes]) -> list[bool]: ...
@@ -107,6 +138,39 @@ class Replica(Protocol):
     def verify(self, h: bytes) -> VerifyResult: ...
 
     def stats(self) -> dict[str, int]: ...
+
+
+def put_many(replica: Replica, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+    """replica.put_many(items) when the replica has it, else one put per item
+    (a simple replica: the same outcome, without the shared commit)."""
+    many = getattr(replica, "put_many", None)
+    if many is None:
+        return [bool(replica.put(data, h)) for data, h in items]
+    out = [bool(x) for x in many(items)]
+    if len(out) != len(items):
+        raise ReplicaUnavailable(f"{replica.node_id} answered {len(out)} results for {len(items)} blobs")
+    return out
+
+
+def get_range(replica: Replica, h: bytes, offset: int = 0, length: int = 0) -> tuple[bytes, int]:
+    """(bytes [offset, offset+length) of the blob (cut short at its end), the
+    whole blob's size): replica.get_range when the replica has it; else a
+    ranged get plus info() for the size; else (the simplest fakes) the whole
+    blob, sliced. InvalidBlob when offset is past the end."""
+    ranged = getattr(replica, "get_range", None)
+    if ranged is not None:
+        data, size = ranged(h, offset, length)
+        return bytes(data), int(size)
+    info = getattr(replica, "info", None)
+    if info is not None:
+        found = info(h)
+        if found is None:
+            raise BlobNotFound(f"{h.hex()} not on {replica.node_id}")
+        return replica.get(h, offset, length), int(found.size)
+    whole = replica.get(h)
+    if offset > len(whole):
+        raise InvalidBlob(f"offset {offset} past the end of a {len(whole)}-byte blob")
+    return whole[offset:offset + length] if length else whole[offset:], len(whole)
 
 
 def iter_all(replica: Replica, page: int = 1000) -> Iterator[BlobInfo]:

@@ -2,8 +2,8 @@
 api.Replica, and the operators' client.
 
 RemoteReplica is what a coordinator holds for every other node: it makes
-replica calls only (Put with replicate=false, Get with local_only=true, Has,
-Delete, List, Verify, Stats) and never retries; the coordinator decides what a
+replica calls only (Put/PutSmall with replicate=false, PutMany, Get/GetSmall
+with local_only=true, Has, Delete, List, Verify, Stats) and never retries; the coordinator decides what a
 failure means and where to go next. BlobClient is for the CLI and benchmarks:
 it makes cluster calls on one node, which coordinates them.
 
@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Self
 
 import grpc
 
 from objstore import api
 from objstore.service import ERROR_METADATA, TOKEN_METADATA
+from objstore.service import GRPC_RECEIVE_BYTES_MAX as SERVER_RECEIVE_BYTES_MAX
 from proto import blob_pb2, blob_pb2_grpc
 
 # Deadlines add one second per this many bytes moved: slower than any link
@@ -126,7 +127,7 @@ class _Endpoint:
         # No transparent retries: a replica call fails once and the caller decides.
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", GRPC_RECEIVE_BYTES_MAX),
-            ("grpc.max_send_message_length", max(api.CHUNK_BYTES, api.SMALL_BYTES_MAX) + 64 * 1024),
+            ("grpc.max_send_message_length", SERVER_RECEIVE_BYTES_MAX),
             ("grpc.enable_retries", 0)])
         self._stub = blob_pb2_grpc.BlobServiceStub(self._channel)
 
@@ -331,11 +332,57 @@ class RemoteReplica(_Endpoint):
         """Stores the blob on that node (replicate=false); True if it was already there."""
         return bool(self._put_any(data, h, replicate=False).existed)
 
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+        """Stores every blob on that node; per blob True if it was already
+        there. Blobs of at most SMALL_BYTES_MAX go in PutMany calls of at most
+        PUT_MANY_BLOBS_MAX blobs and PUT_MANY_BYTES_MAX data bytes (each a
+        group commit there, one after the other); a larger blob goes alone
+        in a streamed Put. The first failure is raised (calls already made
+        have stored their blobs: harmless, puts are idempotent)."""
+        for _data, h in items:
+            api.check_hash(h)
+        out = [False] * len(items)
+        batch: list[int] = []
+        nbytes = 0
+
+        def send() -> None:
+            request = blob_pb2.PutManyRequest(blobs=[
+                blob_pb2.PutRequest(hash=items[i][1], size=len(items[i][0]), data=items[i][0]) for i in batch])
+            r = self._unary("PutMany", request, _deadline_s(self._timeout_s, nbytes))
+            if len(r.existed) != len(batch):
+                raise _ProtocolError(f"{self.address}: PutMany answered {len(r.existed)} of {len(batch)}")
+            for i, existed in zip(batch, r.existed, strict=True):
+                out[i] = bool(existed)
+
+        for i, (data, h) in enumerate(items):
+            if len(data) > api.SMALL_BYTES_MAX:
+                out[i] = self.put(data, h)
+                continue
+            if batch and (len(batch) >= api.PUT_MANY_BLOBS_MAX or nbytes + len(data) > api.PUT_MANY_BYTES_MAX):
+                send()
+                batch, nbytes = [], 0
+            batch.append(i)
+            nbytes += len(data)
+        if batch:
+            send()
+        return out
+
     def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes:
         # The node's store checked the record's crc32c and (whole reads) its
         # SHA-256; the coordinator that called this checks the SHA-256 again
         # as the reader (objstore/cluster.py), so it is not hashed a third time.
         return self._get(h, offset, length, local_only=True, check_hash=False)
+
+    def get_range(self, h: bytes, offset: int = 0, length: int = 0) -> tuple[bytes, int]:
+        """(the range, the whole blob's size) from that node's own copy, whose
+        record crc32c its store checked; one GetSmall unless the range is
+        over SMALL_BYTES_MAX. Not hashed here (see get)."""
+        small = self._get_small(h, offset, length, local_only=True)
+        if small is not None:
+            size, _served_by, data = small
+            return data, size
+        size, _served_by, pieces = self._get_iter(h, offset, length, local_only=True)
+        return b"".join(pieces), size
 
     def has(self, hashes: Iterable[bytes]) -> list[bool]:
         return self._has(hashes)

@@ -43,6 +43,13 @@ fact checked twice). A replicated put needs the bytes in memory because the
 coordinator sends them to several replicas at once, so at most
 LARGE_REPLICATE_PUTS_MAX large ones hold their data in memory at a time.
 
+PutMany is the batch form of a replica put: one message of at most
+PUT_MANY_BLOBS_MAX whole blobs (each at most SMALL_BYTES_MAX) and
+PUT_MANY_BYTES_MAX data bytes, stored on this node in one group commit. Every
+blob's fields are checked against those bounds before any is stored, and the
+store checks every hash before it queues any, so a bad blob stores nothing.
+The transport's receive cap is sized to hold one full PutMany.
+
 Streams are bounded in time as well as size: a watchdog cancels any Put or Get
 stream that makes no progress for STREAM_IDLE_S_MAX or runs longer than
 STREAM_S_MAX, so a stalled or malicious client cannot hold a server thread.
@@ -64,7 +71,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any, BinaryIO, NoReturn, Protocol
@@ -90,10 +97,20 @@ LARGE_REPLICATE_PUTS_MAX = 2
 # How long a large replicated put waits for one of those slots before it is
 # refused with UNAVAILABLE (the client may retry).
 LARGE_PUT_WAIT_S = 30.0
-# The transport refuses larger messages before parsing: a data piece is at most
-# CHUNK_BYTES and the other fields of any request fit in the margin (the
-# largest, a full Has batch, is 4096 x 34 = 136 KiB).
-GRPC_RECEIVE_BYTES_MAX = max(api.CHUNK_BYTES, api.SMALL_BYTES_MAX) + 64 * 1024
+# Every field of a PutMany besides the data: a blob's hash (34 bytes with its
+# tag), size (at most 11), data tag and length (at most 11) and the blob's own
+# envelope (at most 11) come to under 80 bytes.
+PUT_MANY_BLOB_ENVELOPE_BYTES_MAX = 80
+# What a request may carry besides its data: PutMany's envelopes (256 x 80 =
+# 20 KiB) or a PutSmall's fields fit, and so does a whole data-less request
+# (the largest, a full Has batch, is 4096 x 34 = 136 KiB, under the data room).
+REQUEST_FIELDS_BYTES_MAX = 64 * 1024
+# The transport refuses larger messages before parsing: the most data one
+# message carries (a Put piece, a PutSmall blob, or a PutMany's
+# PUT_MANY_BYTES_MAX) plus the fields' margin.
+GRPC_RECEIVE_BYTES_MAX = max(api.CHUNK_BYTES, api.SMALL_BYTES_MAX, api.PUT_MANY_BYTES_MAX) + REQUEST_FIELDS_BYTES_MAX
+if api.PUT_MANY_BLOBS_MAX * PUT_MANY_BLOB_ENVELOPE_BYTES_MAX > REQUEST_FIELDS_BYTES_MAX:
+    raise RuntimeError("a full PutMany's envelopes do not fit the receive margin")
 # Largest answer: a Get piece (CHUNK_BYTES) or a full List page (4096 x ~70 B).
 GRPC_SEND_BYTES_MAX = 4 * 1024 * 1024
 # A stream that makes no progress this long is cancelled (a client gone quiet,
@@ -103,7 +120,8 @@ STREAM_IDLE_S_MAX = 30.0
 # No stream lives longer than this: 64 MiB at ~110 KiB/s.
 STREAM_S_MAX = 600.0
 # Server threads; each serves one RPC at a time, so this also bounds the
-# concurrent puts and their memory (16 x 4 MiB in memory, the rest spooled).
+# concurrent puts and their memory (16 x 4 MiB in memory, the rest spooled;
+# a PutMany holds at most PUT_MANY_BYTES_MAX = 4 MiB too).
 SERVER_THREADS = 16
 
 _HANDLED_ERRORS: tuple[tuple[type[api.BlobError], grpc.StatusCode], ...] = (
@@ -123,6 +141,8 @@ class BlobStore(Protocol):
     """What the service needs of a node's local store (objstore.pack.LocalStore)."""
 
     def put(self, data: bytes, h: bytes) -> bool: ...
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]: ...
 
     def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes: ...
 
@@ -505,6 +525,40 @@ class BlobService(blob_pb2_grpc.BlobServiceServicer):  # type: ignore[misc]
             return self._put_response(self._require_coordinator("Put with replicate").put(data, h))
         existed = self._store.put(data, h)
         return blob_pb2.PutResponse(hash=h, stored_on=[self._node_id], existed=bool(existed))
+
+    @_unary
+    def PutMany(self, request: Any, context: Any) -> Any:  # noqa: N802
+        """Many small blobs stored on this node in one group commit (a replica
+        call: a coordinator sends each replica the blobs placed on it). Every
+        bound is checked, for every blob, before any is stored; the hashes
+        are checked by the store, which stores none if one is wrong."""
+        if len(request.blobs) > api.PUT_MANY_BLOBS_MAX:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"PutMany carries at most {api.PUT_MANY_BLOBS_MAX} blobs, got {len(request.blobs)}")
+        items: list[tuple[bytes, bytes]] = []
+        total = 0
+        for i, blob in enumerate(request.blobs):
+            h = _hash_arg(blob.hash, f"blob {i}'s hash")
+            if blob.replicate:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"PutMany stores on this node only; blob {i} asks to replicate (use Put)")
+            data = bytes(blob.data)
+            if len(data) > api.SMALL_BYTES_MAX:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"PutMany blobs are at most {api.SMALL_BYTES_MAX} bytes, blob {i} has {len(data)}; "
+                             "use Put")
+            if int(blob.size) != len(data):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"PutMany blob {i} declared {int(blob.size)} bytes and carried {len(data)}")
+            total += len(data)
+            if total > api.PUT_MANY_BYTES_MAX:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"PutMany carries at most {api.PUT_MANY_BYTES_MAX} data bytes; blob {i} passes that")
+            items.append((data, h))
+        existed = self._store.put_many(items) if items else []
+        if len(existed) != len(items):
+            raise RuntimeError(f"the store answered {len(existed)} of {len(items)} puts")
+        return blob_pb2.PutManyResponse(existed=[bool(e) for e in existed])
 
     @_unary
     def GetSmall(self, request: Any, context: Any) -> Any:  # noqa: N802

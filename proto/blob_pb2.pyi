@@ -30,6 +30,18 @@ class PutResponse(_message.Message):
     existed: bool
     def __init__(self, hash: _Optional[bytes] = ..., stored_on: _Optional[_Iterable[str]] = ..., pending: _Optional[_Iterable[str]] = ..., existed: _Optional[bool] = ...) -> None: ...
 
+class PutManyRequest(_message.Message):
+    __slots__ = ("blobs",)
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    blobs: _containers.RepeatedCompositeFieldContainer[PutRequest]
+    def __init__(self, blobs: _Optional[_Iterable[_Union[PutRequest, _Mapping]]] = ...) -> None: ...
+
+class PutManyResponse(_message.Message):
+    __slots__ = ("existed",)
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    existed: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, existed: _Optional[_Iterable[bool]] = ...) -> None: ...
+
 class GetRequest(_message.Message):
     __slots__ = ("hash", "offset", "length", "local_only")
     HASH_FIELD_NUMBER: _ClassVar[int]

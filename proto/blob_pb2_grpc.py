@@ -94,6 +94,11 @@ class BlobServiceStub:
                 request_serializer=proto_dot_blob__pb2.GetRequest.SerializeToString,
                 response_deserializer=proto_dot_blob__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.PutMany = channel.unary_unary(
+                '/floe.blob.BlobService/PutMany',
+                request_serializer=proto_dot_blob__pb2.PutManyRequest.SerializeToString,
+                response_deserializer=proto_dot_blob__pb2.PutManyResponse.FromString,
+                _registered_method=True)
 
 
 class BlobServiceServicer:
@@ -175,6 +180,17 @@ class BlobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutMany(self, request, context):
+        """A replica call: store many small blobs on this node in one message and
+        one group commit (a coordinator sends each replica all the blobs of a
+        volume flush placed on it). At most 256 blobs and 4 MiB of data per
+        call, each blob at most 1 MiB with size == len(data) and replicate
+        false; anything else is INVALID_ARGUMENT and nothing is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -237,6 +253,11 @@ def add_BlobServiceServicer_to_server(servicer, server):
                     servicer.GetSmall,
                     request_deserializer=proto_dot_blob__pb2.GetRequest.FromString,
                     response_serializer=proto_dot_blob__pb2.GetResponse.SerializeToString,
+            ),
+            'PutMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutMany,
+                    request_deserializer=proto_dot_blob__pb2.PutManyRequest.FromString,
+                    response_serializer=proto_dot_blob__pb2.PutManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -563,6 +584,33 @@ class BlobService:
             '/floe.blob.BlobService/GetSmall',
             proto_dot_blob__pb2.GetRequest.SerializeToString,
             proto_dot_blob__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/floe.blob.BlobService/PutMany',
+            proto_dot_blob__pb2.PutManyRequest.SerializeToString,
+            proto_dot_blob__pb2.PutManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,7 @@ class FakeStore:
         self.corrupted: set[bytes] = set()
         self.fail: Exception | None = None
         self.lock = threading.Lock()
+        self.put_many_calls: list[int] = []
 
     def _check(self) -> None:
         if self.fail is not None:
@@ -95,6 +96,17 @@ class FakeStore:
             existed = h in self.blobs
             self.blobs[h] = (bytes(data), self.clock())
             return existed
+
+    def put_many(self, items: list[tuple[bytes, bytes]]) -> list[bool]:
+        """Every item checked before any is stored, as LocalStore does; the
+        sizes of the calls are kept in put_many_calls."""
+        self._check()
+        for data, h in items:
+            api.check_hash(h)
+            if len(data) > BLOB_BYTES_MAX or blob_hash(data) != h:
+                raise InvalidBlob("data does not match its hash")
+        self.put_many_calls.append(len(items))
+        return [self.put(data, h) for data, h in items]
 
     def put_file(self, f: BinaryIO, h: bytes, size: int) -> bool:
         buf = io.BytesIO()
@@ -377,6 +389,51 @@ def test_replica_calls_round_trip_through_remote_replica(node: Node) -> None:
         assert r.has([blob_hash(small)]) == [False]
 
 
+def test_put_many_and_get_range_round_trip_through_remote_replica(node: Node) -> None:
+    with RemoteReplica("n1", node.address, TOKEN, timeout_s=CALL_S) as r:
+        small = [os.urandom(100 + i) for i in range(20)]
+        big = os.urandom(api.SMALL_BYTES_MAX + 10)  # too big for PutMany: streamed alone
+        items = [(d, blob_hash(d)) for d in (*small, big, b"", small[3])]
+        assert r.put_many(items) == [False] * 22 + [True]  # the repeat of an earlier item is a dedup
+        assert r.put_many(items[:2]) == [True, True]
+        assert r.put_many([]) == []
+        assert all(node.store.get(h) == d for d, h in items)
+        assert r.get_range(blob_hash(big), 4096, 4096) == (big[4096:8192], len(big))
+        assert r.get_range(blob_hash(small[0])) == (small[0], 100)
+        assert r.get_range(blob_hash(b"")) == (b"", 0)
+        with pytest.raises(BlobNotFound):
+            r.get_range(blob_hash(b"never stored"), 0, 10)
+        with pytest.raises(InvalidBlob):
+            r.get_range(blob_hash(small[0]), 101)  # the offset is past the end
+        with pytest.raises(InvalidBlob):
+            r.put_many([(b"a", blob_hash(b"a")), (b"b", blob_hash(b"c"))])
+        assert blob_hash(b"a") not in node.hashes()
+    assert_healthy(node)
+
+
+def test_remote_put_many_splits_into_calls_within_the_bounds(fake_node: Node) -> None:
+    store = fake_node.store
+    with RemoteReplica("n1", fake_node.address, TOKEN, timeout_s=CALL_S) as r:
+        tiny = [(d, blob_hash(d)) for d in (i.to_bytes(2, "big") for i in range(600))]
+        assert r.put_many(tiny) == [False] * 600
+        assert store.put_many_calls == [256, 256, 88]  # PUT_MANY_BLOBS_MAX per call
+        store.put_many_calls.clear()
+        mib = [(d, blob_hash(d)) for d in (bytes([i]) * api.SMALL_BYTES_MAX for i in range(9))]
+        assert r.put_many(mib) == [False] * 9
+        assert store.put_many_calls == [4, 4, 1]  # PUT_MANY_BYTES_MAX per call
+    assert_healthy(fake_node)
+
+
+def test_put_many_to_a_store_that_refuses_service_is_replica_unavailable(fake_node: Node) -> None:
+    fake_node.store.fail = StoreDown("writer stopped after EIO")
+    with RemoteReplica("n1", fake_node.address, TOKEN, timeout_s=CALL_S) as r:
+        with pytest.raises(ReplicaUnavailable, match="StoreDown"):
+            r.put_many([(b"abc", blob_hash(b"abc"))])
+    fake_node.store.fail = None
+    assert fake_node.hashes() == set()
+    assert_healthy(fake_node)
+
+
 def test_cluster_calls_round_trip_through_blob_client(node: Node, tmp_path: Path) -> None:
     coord = node.coordinator
     assert coord is not None
@@ -478,6 +535,9 @@ def test_every_call_without_the_admin_token_is_refused(node: Node) -> None:
         lambda md: stub.Locate(blob_pb2.LocateRequest(hash=h), timeout=CALL_S, metadata=md),
         lambda md: stub.Scrub(blob_pb2.ScrubRequest(), timeout=CALL_S, metadata=md),
         lambda md: stub.Gc(blob_pb2.GcRequest(dry_run=True), timeout=CALL_S, metadata=md),
+        lambda md: stub.PutSmall(blob_pb2.PutRequest(hash=h, size=1, data=b"x"), timeout=CALL_S, metadata=md),
+        lambda md: stub.GetSmall(blob_pb2.GetRequest(hash=h, local_only=True), timeout=CALL_S, metadata=md),
+        lambda md: stub.PutMany(put_many_msg([b"x", b"y"]), timeout=CALL_S, metadata=md),
     ]
     for md in ((), ((TOKEN_METADATA, "wrong"),), ((TOKEN_METADATA, TOKEN + "x"),), ((TOKEN_METADATA, ""),)):
         for call in calls:
@@ -491,6 +551,8 @@ def test_every_call_without_the_admin_token_is_refused(node: Node) -> None:
     assert "token is wrong" in str(e.value)
     with RemoteReplica("n1", node.address, "wrong", timeout_s=CALL_S) as r, pytest.raises(ReplicaTokenRejected):
         r.has([h])  # to a coordinator: a replica it cannot use (ReplicaUnavailable)
+    with RemoteReplica("n1", node.address, "wrong", timeout_s=CALL_S) as r, pytest.raises(ReplicaTokenRejected):
+        r.put_many([(b"x", h)])
     assert_healthy(node)
 
 
@@ -529,6 +591,16 @@ def _unary(method: str, request: Any) -> Callable[[Any], Any]:
     return lambda stub: getattr(stub, method)(request, timeout=CALL_S, metadata=MD)
 
 
+def put_many_msg(datas: list[bytes], *, h: dict[int, bytes] | None = None, size: dict[int, int] | None = None,
+                 replicate: frozenset[int] | set[int] = frozenset()) -> Any:
+    """A PutManyRequest of `datas`, with the hash or size of some blobs
+    (by index) replaced and replicate set on others."""
+    h, size = h or {}, size or {}
+    return blob_pb2.PutManyRequest(blobs=[
+        blob_pb2.PutRequest(hash=h.get(i, blob_hash(d)), size=size.get(i, len(d)), data=d, replicate=i in replicate)
+        for i, d in enumerate(datas)])
+
+
 # (what is wrong, the call on a raw stub, the status it must get). The node
 # holds GOOD (locally and in the fake cluster) before each one.
 GARBAGE: list[tuple[str, Callable[[Any], Any], grpc.StatusCode]] = [
@@ -563,7 +635,7 @@ GARBAGE: list[tuple[str, Callable[[Any], Any], grpc.StatusCode]] = [
     ("put: chunk one byte over CHUNK_BYTES",
      lambda s: put_msgs(s, put_stream(bytes(CHUNK_BYTES + 1), piece=CHUNK_BYTES + 1)), Code.INVALID_ARGUMENT),
     ("put: chunk over the message cap",
-     lambda s: put_msgs(s, put_stream(bytes(CHUNK_BYTES * 8), piece=CHUNK_BYTES * 8)), Code.RESOURCE_EXHAUSTED),
+     lambda s: put_msgs(s, put_stream(bytes(CHUNK_BYTES * 20), piece=CHUNK_BYTES * 20)), Code.RESOURCE_EXHAUSTED),
     ("put: chunk over CHUNK_BYTES, under the cap",
      lambda s: put_msgs(s, put_stream(bytes(CHUNK_BYTES * 2), piece=CHUNK_BYTES * 2)), Code.INVALID_ARGUMENT),
     ("put_small: over SMALL_BYTES_MAX",
@@ -579,6 +651,29 @@ GARBAGE: list[tuple[str, Callable[[Any], Any], grpc.StatusCode]] = [
     ("put_small: short hash",
      lambda s: s.PutSmall(blob_pb2.PutRequest(hash=b"x" * 31, size=len(GOOD), data=GOOD),
                           metadata=MD, timeout=CALL_S), Code.INVALID_ARGUMENT),
+    ("put_many: one blob over the count limit",
+     _unary("PutMany", put_many_msg([bytes([i % 256, i // 256]) for i in range(api.PUT_MANY_BLOBS_MAX + 1)])),
+     Code.INVALID_ARGUMENT),
+    ("put_many: data one byte over the byte limit, the message under the cap",
+     _unary("PutMany", put_many_msg([bytes([i]) * api.SMALL_BYTES_MAX
+                                     for i in range(api.PUT_MANY_BYTES_MAX // api.SMALL_BYTES_MAX)] + [b"x"])),
+     Code.INVALID_ARGUMENT),
+    ("put_many: data over the message cap",
+     _unary("PutMany", put_many_msg([bytes([i]) * api.SMALL_BYTES_MAX for i in range(5)])),
+     Code.RESOURCE_EXHAUSTED),
+    ("put_many: a blob over SMALL_BYTES_MAX",
+     _unary("PutMany", put_many_msg([b"a", bytes(api.SMALL_BYTES_MAX + 1)])), Code.INVALID_ARGUMENT),
+    ("put_many: a size that does not match the data",
+     _unary("PutMany", put_many_msg([b"a", b"bc"], size={1: 3})), Code.INVALID_ARGUMENT),
+    ("put_many: a size of 2**64-1", _unary("PutMany", put_many_msg([b"a"], size={0: 2**64 - 1})),
+     Code.INVALID_ARGUMENT),
+    ("put_many: a wrong hash among good blobs",
+     _unary("PutMany", put_many_msg([b"a", b"b", b"c"], h={1: blob_hash(b"B")})), Code.INVALID_ARGUMENT),
+    ("put_many: a 31-byte hash", _unary("PutMany", put_many_msg([b"a", b"b"], h={1: blob_hash(b"b")[:31]})),
+     Code.INVALID_ARGUMENT),
+    ("put_many: a missing hash", _unary("PutMany", put_many_msg([b"a"], h={0: b""})), Code.INVALID_ARGUMENT),
+    ("put_many: replicate asked for", _unary("PutMany", put_many_msg([b"a", b"b"], replicate={1})),
+     Code.INVALID_ARGUMENT),
     ("get_small: offset beyond the end",
      lambda s: s.GetSmall(blob_pb2.GetRequest(hash=GOOD_H, offset=len(GOOD) + 1, local_only=True),
                           metadata=MD, timeout=CALL_S), Code.OUT_OF_RANGE),
@@ -618,8 +713,8 @@ GARBAGE: list[tuple[str, Callable[[Any], Any], grpc.StatusCode]] = [
      Code.INVALID_ARGUMENT),
     ("has: one over the batch limit", _unary("Has", blob_pb2.HasRequest(hashes=[GOOD_H] * (HAS_BATCH_MAX + 1))),
      Code.INVALID_ARGUMENT),
-    ("has: 100k hashes are over the message cap",
-     _unary("Has", blob_pb2.HasRequest(hashes=[GOOD_H] * 100_000)), Code.RESOURCE_EXHAUSTED),
+    ("has: 200k hashes are over the message cap",
+     _unary("Has", blob_pb2.HasRequest(hashes=[GOOD_H] * 200_000)), Code.RESOURCE_EXHAUSTED),
     ("delete: 0-byte hash", _unary("Delete", blob_pb2.DeleteRequest(hash=b"")), Code.INVALID_ARGUMENT),
     ("delete: negative min_age_s", _unary("Delete", blob_pb2.DeleteRequest(hash=GOOD_H, min_age_s=-1.0)),
      Code.INVALID_ARGUMENT),
