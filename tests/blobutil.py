@@ -17,6 +17,7 @@ class MemReplica:
         self.down = False
         self.delay_s = 0.0
         self.puts = 0
+        self.reads: list[tuple[int, int]] = []  # (offset, length) of every get
         self.lock = threading.Lock()
 
     def _check(self) -> None:
@@ -35,13 +36,17 @@ class MemReplica:
             raise InvalidBlob("hash mismatch")
         with self.lock:
             self.puts += 1
-            old = self.blobs.get(h)
-            existed = old is not None and blob_hash(old[0]) == h
-            self.blobs[h] = (data if not existed else old[0], self.clock())  # type: ignore[index]
-            return existed
+            return self._store(data, h)
+
+    def _store(self, data: bytes, h: bytes) -> bool:
+        old = self.blobs.get(h)
+        existed = old is not None and blob_hash(old[0]) == h
+        self.blobs[h] = (data if not existed else old[0], self.clock())  # type: ignore[index]
+        return existed
 
     def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes:
         self._check()
+        self.reads.append((offset, length))
         if h not in self.blobs:
             raise BlobNotFound(h.hex())
         data = self.blobs[h][0]
@@ -83,3 +88,48 @@ class MemReplica:
 
 def raise_corrupt(*_a: object) -> None:
     raise BlobCorrupt("x")
+
+
+class MemBatchReplica(MemReplica):
+    """A MemReplica that also has the batch and ranged calls of LocalStore and
+    RemoteReplica: put_many (every hash checked before any is stored; the
+    size of each call kept in put_many_calls) and get_range (each kept in
+    range_reads). Like a store's record crc, a copy in `rotten` fails every
+    read with BlobCorrupt and is then set aside."""
+
+    def __init__(self, node_id: str, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(node_id, clock)
+        self.put_many_calls: list[int] = []
+        self.range_reads: list[tuple[int, int]] = []
+        self.rotten: set[bytes] = set()
+
+    def put_many(self, items: list[tuple[bytes, bytes]]) -> list[bool]:
+        self._check()
+        if any(blob_hash(data) != h for data, h in items):
+            raise InvalidBlob("hash mismatch")
+        with self.lock:
+            self.put_many_calls.append(len(items))
+            return [self._store(data, h) for data, h in items]
+
+    def _copy(self, h: bytes) -> bytes:
+        if h in self.rotten:
+            self.rotten.discard(h)
+            self.blobs.pop(h, None)
+            raise BlobCorrupt(f"{h.hex()} on {self.node_id} fails its checksum (quarantined)")
+        if h not in self.blobs:
+            raise BlobNotFound(h.hex())
+        return self.blobs[h][0]
+
+    def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes:
+        self._check()
+        self.reads.append((offset, length))
+        data = self._copy(h)
+        return data[offset:offset + length] if length else data[offset:]
+
+    def get_range(self, h: bytes, offset: int = 0, length: int = 0) -> tuple[bytes, int]:
+        self._check()
+        self.range_reads.append((offset, length))
+        data = self._copy(h)
+        if offset > len(data):
+            raise InvalidBlob(f"offset {offset} past the end")
+        return (data[offset:offset + length] if length else data[offset:]), len(data)

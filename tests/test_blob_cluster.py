@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from objstore.api import BlobNotFound, NotEnoughReplicas, blob_hash
+from objstore.api import BlobNotFound, InvalidBlob, NotEnoughReplicas, blob_hash
 from objstore.cluster import BlobCluster
 from objstore.hints import HintLog
-from tests.blobutil import MemReplica
+from tests.blobutil import MemBatchReplica, MemReplica
 
 NODES = ["n1", "n2", "n3"]
 
@@ -399,3 +399,135 @@ def test_a_second_gc_or_scrub_while_one_runs_is_refused_at_once(tmp_path):
         c.scrub()
     c._scrub_lock.release()
     c.stop()
+
+
+# ---------------------------------------------------------------- put_many: one call per replica node
+
+
+def make_batch(tmp: str, nodes: list[str] | None = None, me: str = "n1",
+               **kw: object) -> tuple[BlobCluster, dict[str, MemBatchReplica]]:
+    reps = {n: MemBatchReplica(n) for n in (nodes or NODES)}
+    c = BlobCluster(me, dict(reps), HintLog(os.path.join(tmp, "hints")), **kw)  # type: ignore[arg-type]
+    return c, reps
+
+
+def blobs_of(n: int, tag: bytes = b"") -> list[tuple[bytes, bytes]]:
+    datas = [tag + b"segment %d " % i + os.urandom(200) for i in range(n)]
+    return [(d, blob_hash(d)) for d in datas]
+
+
+def test_put_many_makes_one_call_per_replica_node_and_stores_every_blob(tmp_path):
+    c, reps = make_batch(str(tmp_path))
+    items = blobs_of(64)
+    res = c.put_many(items)
+    assert [r.hash for r in res] == [h for _d, h in items]
+    assert all(len(r.stored_on) >= 2 and not r.existed for r in res)
+    for r in reps.values():  # R = 3 of 3 nodes: every node gets all 64, in one call
+        assert r.put_many_calls == [64] and r.puts == 0
+    wait_for(lambda: all(len(r.blobs) == 64 for r in reps.values()))
+    wait_for(lambda: c.hints.count() == 0)
+    assert c.counters()["puts"] == 64
+    assert all(r.existed for r in c.put_many(items))
+    assert c.put_many([]) == []
+    c.stop()
+
+
+def test_put_many_places_each_blob_on_its_own_replicas(tmp_path):
+    nodes = ["n1", "n2", "n3", "n4", "n5"]
+    c, reps = make_batch(str(tmp_path), nodes, late_ack_grace_s=1.0)
+    items = blobs_of(100)
+    res = c.put_many(items)
+    for (_d, h), r in zip(items, res, strict=True):
+        assert sorted(r.stored_on) == sorted(c.placement(h)) and r.pending == []
+    for n, rep in reps.items():
+        placed_here = {h for _d, h in items if n in c.placement(h)}
+        assert set(rep.blobs) == placed_here
+        assert rep.put_many_calls == [len(placed_here)]  # one call, carrying exactly its blobs
+    c.stop()
+
+
+def test_put_many_with_one_replica_down_succeeds_and_hints_complete_it(tmp_path):
+    c, reps = make_batch(str(tmp_path))
+    reps["n3"].down = True
+    hint_writes: list[int] = []
+    add_many = c.hints.add_many
+    c.hints.add_many = lambda owed: (hint_writes.append(1), add_many(owed))  # type: ignore[method-assign]
+    items = blobs_of(40)
+    res = c.put_many(items)
+    assert all(sorted(r.stored_on) == ["n1", "n2"] and r.pending == ["n3"] for r in res)
+    assert c.hints.count() == 40 and hint_writes == [1]  # every owed copy, durable, in one synced write
+    reps["n3"].down = False
+    c._down_until.clear()
+    assert c.deliver_hints() == 40
+    assert all(h in reps["n3"].blobs for _d, h in items) and c.hints.count() == 0
+    c.stop()
+
+
+def test_put_many_with_two_replicas_down_fails_naming_a_blob(tmp_path):
+    c, reps = make_batch(str(tmp_path))
+    reps["n2"].down = reps["n3"].down = True
+    items = blobs_of(10)
+    with pytest.raises(NotEnoughReplicas) as e:
+        c.put_many(items)
+    assert "10 of 10 blobs" in str(e.value) and items[0][1].hex() in str(e.value)
+    assert c.hints.count() == 0 and c.counters().get("puts", 0) == 0
+    c.stop()
+
+
+def test_put_many_refuses_a_bad_blob_before_sending_anything(tmp_path):
+    c, reps = make_batch(str(tmp_path))
+    items = blobs_of(5)
+    items[3] = (items[3][0] + b"!", items[3][1])
+    with pytest.raises(InvalidBlob):
+        c.put_many(items)
+    with pytest.raises(InvalidBlob):
+        c.put_many([(b"x", b"short")])
+    assert all(r.put_many_calls == [] and not r.blobs for r in reps.values())
+    c.stop()
+
+
+def test_put_many_skips_a_replica_marked_down_and_owes_it_by_hint(tmp_path):
+    c, reps = make_batch(str(tmp_path))
+    c._mark_down("n3", 60)
+    res = c.put_many(blobs_of(8))
+    assert reps["n3"].put_many_calls == [] and all(r.pending == ["n3"] for r in res)
+    assert c.hints.count() == 8
+    c.stop()
+
+
+def test_put_many_slow_replica_does_not_hold_it_up_and_its_late_ack_clears_the_hints(tmp_path):
+    c, reps = make_batch(str(tmp_path))
+    reps["n3"].delay_s = 0.3
+    items = blobs_of(16)
+    res = c.put_many(items)  # n3 answers after 0.3 s, well past the grace: owed, not waited for
+    assert all(sorted(r.stored_on) == ["n1", "n2"] and r.pending == ["n3"] for r in res)
+    wait_for(lambda: c.hints.count() == 0 and all(h in reps["n3"].blobs for _d, h in items))
+    c.stop()
+
+
+def test_put_many_results_equal_one_put_per_blob(tmp_path):
+    """The same replicas' states, the same blobs: put_many answers what put
+    answers, blob by blob (placement, stored_on, pending, existed)."""
+    items = blobs_of(30)
+    outcomes = []
+    for name, many in (("puts", False), ("many", True)):
+        os.makedirs(tmp_path / name)
+        c, reps = make_batch(str(tmp_path / name), late_ack_grace_s=1.0)
+        for d, h in items[:10]:
+            reps["n2"].blobs[h] = (d, time.time())  # some already stored on one replica
+        reps["n3"].down = True
+        res = c.put_many(items) if many else [c.put(d, h) for d, h in items]
+        outcomes.append([(r.hash, sorted(r.stored_on), sorted(r.pending), r.existed) for r in res])
+        outcomes.append(c.hints.count())
+        c.stop()
+    assert outcomes[0] == outcomes[2] and outcomes[1] == outcomes[3] == 30
+
+
+def test_put_many_over_replicas_without_it_puts_blob_by_blob(tmp_path):
+    c, reps = make(str(tmp_path))  # plain MemReplicas: put and get only
+    items = blobs_of(12)
+    res = c.put_many(items)
+    assert all(len(r.stored_on) >= 2 for r in res)
+    wait_for(lambda: all(r.puts == 12 for r in reps.values()))
+    c.stop()
+
