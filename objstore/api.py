@@ -239,7 +239,12 @@ class Coordinator(Protocol):
     def put(self, data: bytes, h: bytes) -> PutResult: ...
 
     def get(self, h: bytes, offset: int = 0, length: int = 0) -> tuple[bytes, int, str]:
-        """(data of the range, whole blob size, node that served it)."""
+        """(data of the range, whole blob size, node that served it). A whole
+        blob is checked against its SHA-256 end to end; a smaller range is
+        read alone from one replica and checked by that copy's record crc32c
+        (DESIGN.md §5: fetch only the blob ranges needed), and a copy found
+        missing or corrupt on the way sends the read down the whole-blob
+        path, which verifies and repairs."""
         ...
 
     def locate(self, h: bytes) -> LocateResult: ...

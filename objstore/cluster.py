@@ -23,9 +23,20 @@ whole call.
 
 Get. Local copy first when this node is a replica; otherwise the replicas in
 placement order, with a hedged second request when the first has not answered
-within `hedge_after_s`. The coordinator always reads the whole blob and checks
-its SHA-256 (the store checks its record checksum too); a replica that answered
-NotFound, Corrupt or wrong bytes gets the good copy written back (read repair).
+within `hedge_after_s`, failing over to the next on an error. What is checked
+depends on what is read:
+  whole blob  the coordinator checks its SHA-256 end to end (the store checks
+              its record checksum too; this node's own pack store checks the
+              SHA-256 as it reads, so that copy is not hashed twice). A
+              replica that answered NotFound, Corrupt or wrong bytes gets the
+              good copy written back (read repair).
+  a range     only the range is read, from one replica, whose store checks
+              the copy's record crc32c (over the whole record) before
+              answering; the coordinator cannot hash a part. DESIGN.md §5:
+              volumes fetch only the blob ranges they need, so a random
+              4 KiB read must not move and hash a 1 MiB blob. A placed
+              replica that answers NotFound or Corrupt sends the read down the
+              whole-blob path, which verifies the hash and repairs the copy.
 
 Background (each rate-limited, each counted in `counters()`):
   hints     deliver owed copies; a target that fails is retried later.
@@ -54,7 +65,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
 from objstore import api, placement
 from objstore.api import (
@@ -82,6 +94,8 @@ log = logging.getLogger("floe.objstore")
 
 # Read repairs waiting at once (each holds a whole blob in memory).
 REPAIRS_QUEUED_MAX = 64
+
+T = TypeVar("T")
 
 
 class LiveSetProvider(Protocol):
@@ -116,6 +130,20 @@ class RateLimiter:
                 time.sleep(wait_s)
 
 
+@dataclass(slots=True)
+class _Reads(Generic[T]):
+    """What a hedged read found: the first good answer, and the replicas
+    that had no good copy (bad) or could not be asked (unreachable)."""
+
+    found: bool = False
+    value: T | None = None
+    node: str = ""
+    bad: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    unreachable: list[str] = field(default_factory=list)
+    stopped: bool = False  # a bad answer ended the search (a ranged read falls back)
+
+
 class BlobCluster:
     def __init__(self, node_id: str, replicas: dict[str, Replica], hints: HintLog, *,
                  r: int = 3, w: int = 2, hedge_after_s: float = 0.05,
@@ -137,6 +165,7 @@ class BlobCluster:
         self._monotonic = monotonic  # GC's sweep clock (tests pass the replicas' fake clock)
         self._local_put_verified = self.local is not None and "verified" in inspect.signature(
             self.local.put).parameters
+        self._local_checks_hash = bool(getattr(self.local, "checks_content_hash", False))
         local_put_many = getattr(self.local, "put_many", None)
         self._local_put_many_verified = local_put_many is not None and "verified" in inspect.signature(
             local_put_many).parameters
@@ -371,44 +400,66 @@ class BlobCluster:
         up = [n for n in order if not self._is_down(n)] + [n for n in order if self._is_down(n)]
         return up + [n for n in self.nodes if n not in placed]
 
+    def _checks_own_hash(self, node: str) -> bool:
+        """True when `node` is this node and its store's whole-blob get checks
+        the content hash itself (api.Replica.checks_content_hash)."""
+        return node == self.node_id and self._local_checks_hash
+
+    def _wrong_content(self, node: str, h: bytes) -> BlobCorrupt:
+        """The store's record checksum held but the content is wrong: have
+        the replica verify (and quarantine) its copy; the copy is corrupt."""
+        try:
+            self.replicas[node].verify(h)
+        except BlobError:
+            pass
+        return BlobCorrupt(f"copy on {node} does not match its SHA-256")
+
     def _fetch(self, node: str, h: bytes) -> bytes:
         data = self.replicas[node].get(h)
+        if self._checks_own_hash(node):
+            return data  # this node's store compared SHA-256(data) with h as it read the copy
         if blob_hash(data) != h:
-            # The store's record checksum held but the content is wrong: have
-            # the replica verify (and quarantine) its copy, then treat as corrupt.
-            try:
-                self.replicas[node].verify(h)
-            except BlobError:
-                pass
-            raise BlobCorrupt(f"copy on {node} does not match its SHA-256")
+            raise self._wrong_content(node, h)
         return data
 
-    def fetch_verified(self, h: bytes, exclude: Iterable[str] = ()) -> tuple[bytes, str]:
-        """The whole blob from the best replica (hedged), repairing bad copies
-        met on the way. BlobNotFound only when every replica asked answered
-        that it has no good copy; ReplicaUnavailable when some could not be
-        asked (the blob may well exist)."""
-        check_hash(h)
+    def _fetch_range(self, node: str, h: bytes, offset: int, length: int) -> tuple[bytes, int]:
+        """(the range, the blob's size) from one replica, checked there by the
+        copy's record crc32c. A range that turns out to be the whole blob is
+        checked against h as well, like any whole read."""
+        data, size = api.get_range(self.replicas[node], h, offset, length)
+        if offset > size or (length and offset + length > size):
+            raise InvalidBlob(f"range {offset}+{length} is beyond the blob's {size} bytes")
+        want = length or size - offset
+        if len(data) != want:
+            raise BlobCorrupt(f"{node} served {len(data)} bytes for a {want}-byte range of {h.hex()}")
+        if offset == 0 and want == size and not self._checks_own_hash(node) and blob_hash(data) != h:
+            raise self._wrong_content(node, h)
+        return data, size
+
+    def _hedged(self, h: bytes, read: Callable[[str], T], *, exclude: Iterable[str] = (),
+                stop_on_bad: Callable[[str], bool] | None = None, invalid_is_final: bool = False) -> _Reads[T]:
+        """Ask the read candidates in order, one at a time, with a hedged
+        second request when one has not answered within hedge_after_s, until
+        one answers. NotFound/Corrupt answers are `bad` (and end the search
+        when stop_on_bad says so); any other failure is `unreachable`, and a
+        ReplicaUnavailable marks the node down. InvalidBlob (a wrong range)
+        ends the search and is raised when invalid_is_final."""
         skip = set(exclude)
-        candidates = [n for n in self._read_candidates(h) if n not in skip]
-        bad: list[str] = []
-        errors: dict[str, str] = {}
-        unreachable: list[str] = []
-        futs: dict[Future[bytes], str] = {}
-        it = iter(candidates)
-        result: tuple[bytes, str] | None = None
-        pending: set[Future[bytes]] = set()
+        it = iter([n for n in self._read_candidates(h) if n not in skip])
+        out: _Reads[T] = _Reads()
+        futs: dict[Future[T], str] = {}
+        pending: set[Future[T]] = set()
 
         def launch() -> bool:
             for node in it:
-                f = self._pool.submit(self._fetch, node, h)
+                f = self._pool.submit(read, node)
                 futs[f] = node
                 pending.add(f)
                 return True
             return False
 
         launch()
-        while pending and result is None:
+        while pending and not out.found and not out.stopped:
             done, _ = wait(set(pending), timeout=self.hedge_after_s, return_when=FIRST_COMPLETED)
             if not done:
                 if launch():  # the hedge: ask the next replica too
@@ -418,33 +469,50 @@ class BlobCluster:
                 pending.discard(f)
                 node = futs[f]
                 try:
-                    data = f.result()
+                    value = f.result()
                 except (BlobNotFound, BlobCorrupt) as e:
-                    bad.append(node)
-                    errors[node] = f"{type(e).__name__}: {e}"
+                    out.bad.append(node)
+                    out.errors[node] = f"{type(e).__name__}: {e}"
                     if isinstance(e, BlobCorrupt):
                         self.count("corrupt_found")
+                    if stop_on_bad is not None and stop_on_bad(node):
+                        out.stopped = True
                 except Exception as e:  # noqa: BLE001 - unreachable replica: try the next
-                    errors[node] = f"{type(e).__name__}: {e}"
-                    unreachable.append(node)
+                    if invalid_is_final and isinstance(e, InvalidBlob):
+                        raise
+                    out.errors[node] = f"{type(e).__name__}: {e}"
+                    out.unreachable.append(node)
                     if isinstance(e, ReplicaUnavailable):
                         self._mark_down(node)
                 else:
-                    if result is None:
-                        result = (data, node)
-            if result is None and not pending:
+                    if not out.found:
+                        out.found, out.value, out.node = True, value, node
+            if not out.found and not out.stopped and not pending:
                 launch()
-        if result is None:
-            detail = "; ".join(f"{n}: {m}" for n, m in sorted(errors.items())) or "no replicas"
-            if unreachable:
-                raise ReplicaUnavailable(f"no good copy of {h.hex()} reachable ({detail})")
-            raise BlobNotFound(f"no good copy of {h.hex()} ({detail})")
-        data, served_by = result
+        return out
+
+    def fetch_verified(self, h: bytes, exclude: Iterable[str] = ()) -> tuple[bytes, str]:
+        """The whole blob from the best replica (hedged), repairing bad copies
+        met on the way. BlobNotFound only when every replica asked answered
+        that it has no good copy; ReplicaUnavailable when some could not be
+        asked (the blob may well exist)."""
+        check_hash(h)
+        r = self._hedged(h, lambda node: self._fetch(node, h), exclude=exclude)
+        if not r.found or r.value is None:
+            raise self._no_copy(h, r)
+        data = r.value
         placed = set(self.placement(h))
-        for node in bad:
+        for node in r.bad:
             if node in placed:
                 self._submit_repair(node, data, h)
-        return data, served_by
+        return data, r.node
+
+    @staticmethod
+    def _no_copy(h: bytes, r: _Reads[Any]) -> BlobError:
+        detail = "; ".join(f"{n}: {m}" for n, m in sorted(r.errors.items())) or "no replicas"
+        if r.unreachable:
+            return ReplicaUnavailable(f"no good copy of {h.hex()} reachable ({detail})")
+        return BlobNotFound(f"no good copy of {h.hex()} ({detail})")
 
     def _submit_repair(self, node: str, data: bytes, h: bytes) -> None:
         """Queue a read repair, unless too many are queued (each holds a blob);
@@ -475,6 +543,18 @@ class BlobCluster:
         return True
 
     def get(self, h: bytes, offset: int = 0, length: int = 0) -> tuple[bytes, int, str]:
+        """(the range [offset, offset+length) (length 0: to the end), the
+        blob's size, the node that served it). The whole blob (offset 0,
+        length 0) is read and checked against its SHA-256; any other range
+        is read alone, see _read_range."""
+        check_hash(h)
+        if offset < 0 or length < 0:
+            raise InvalidBlob(f"bad range offset={offset} length={length}")
+        if offset or length:
+            ranged = self._read_range(h, offset, length)
+            if ranged is not None:
+                self.count("gets")
+                return ranged
         data, served_by = self.fetch_verified(h)
         size = len(data)
         if offset > size or (length and offset + length > size):
@@ -482,6 +562,31 @@ class BlobCluster:
         self.count("gets")
         end = offset + length if length else size
         return (data if offset == 0 and end == size else data[offset:end]), size, served_by
+
+    def _read_range(self, h: bytes, offset: int, length: int) -> tuple[bytes, int, str] | None:
+        """Just the range, from the best replica (local first, hedged, failing
+        over like fetch_verified), verified there by the copy's record crc32c
+        and not hashed here: DESIGN.md §5 has volumes fetch only the blob
+        ranges they need, and a 4 KiB read must not pull and hash a 1 MiB
+        blob. (A range that is the whole blob is hashed.) None when a
+        placed replica answered that its copy is missing or corrupt: the
+        caller then takes the whole-blob path, which verifies the content
+        hash and repairs that copy. Raises ReplicaUnavailable when no replica
+        could be asked, BlobNotFound when none holds it, InvalidBlob for a
+        range beyond the blob."""
+        placed = set(self.placement(h))
+        r = self._hedged(h, lambda node: self._fetch_range(node, h, offset, length),
+                         stop_on_bad=lambda node: node in placed, invalid_is_final=True)
+        if r.found and r.value is not None:
+            data, size = r.value
+            self.count("ranged_gets")
+            return data, size, r.node
+        if r.stopped:
+            self.count("ranged_fallbacks")
+            log.info("event=ranged_read_fallback hash=%s errors=%s", h.hex(),
+                     "; ".join(f"{n}: {m}" for n, m in sorted(r.errors.items())))
+            return None
+        raise self._no_copy(h, r)
 
     # ---------------------------------------------------------------- locate
 

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from objstore.api import BlobNotFound, InvalidBlob, NotEnoughReplicas, blob_hash
+from objstore.api import BlobNotFound, InvalidBlob, NotEnoughReplicas, ReplicaUnavailable, blob_hash
 from objstore.cluster import BlobCluster
 from objstore.hints import HintLog
+from objstore.pack import HEADER_BYTES, LocalStore
 from tests.blobutil import MemBatchReplica, MemReplica
 
 NODES = ["n1", "n2", "n3"]
@@ -320,8 +321,6 @@ def test_gc_grace_override_cannot_shorten_the_configured_grace(tmp_path):
 
 
 def test_unreachable_replicas_are_unavailable_not_missing_and_keep_their_hint(tmp_path):
-    from objstore.api import ReplicaUnavailable
-
     c, reps = make(str(tmp_path))
     data = b"owed"
     h = blob_hash(data)
@@ -531,3 +530,164 @@ def test_put_many_over_replicas_without_it_puts_blob_by_blob(tmp_path):
     wait_for(lambda: all(r.puts == 12 for r in reps.values()))
     c.stop()
 
+
+# ---------------------------------------------------------------- ranged reads
+
+
+def make_stores(tmp: str, **kw: object) -> tuple[BlobCluster, dict[str, LocalStore]]:
+    stores = {n: LocalStore(os.path.join(tmp, n), n) for n in NODES}
+    c = BlobCluster("n1", dict(stores), HintLog(os.path.join(tmp, "hints")), **kw)  # type: ignore[arg-type]
+    return c, stores
+
+
+def close_stores(c: BlobCluster, stores: dict[str, LocalStore]) -> None:
+    c.stop()
+    for s in stores.values():
+        s.close()
+
+
+class HashCount:
+    """Counts SHA-256 computations by the coordinator and by the stores
+    (both call objstore.api.blob_hash; the coordinator by its own import)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import objstore.api
+        import objstore.cluster
+
+        self.sizes: list[int] = []
+        real = objstore.api.blob_hash
+
+        def counted(data: bytes) -> bytes:
+            self.sizes.append(len(data))
+            return real(data)
+
+        monkeypatch.setattr(objstore.api, "blob_hash", counted)
+        monkeypatch.setattr(objstore.cluster, "blob_hash", counted)
+
+
+def flip_stored_byte(store: LocalStore, h: bytes, at: int) -> None:
+    loc = store.locate(h)
+    assert loc is not None
+    with open(loc.path, "r+b") as f:
+        f.seek(loc.offset + HEADER_BYTES + at)
+        b = f.read(1)
+        f.seek(loc.offset + HEADER_BYTES + at)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_a_ranged_get_reads_only_the_range_and_hashes_nothing(tmp_path, monkeypatch):
+    c, stores = make_stores(str(tmp_path), late_ack_grace_s=1.0)
+    data = os.urandom(1 << 20)
+    h = blob_hash(data)
+    c.put(data, h)
+    gets = {n: s.stats()["gets"] for n, s in stores.items()}
+    hashes = HashCount(monkeypatch)
+    assert c.get(h, 4096, 4096) == (data[4096:8192], 1 << 20, "n1")
+    assert c.get(h, (1 << 20) - 10) == (data[-10:], 1 << 20, "n1")  # to the end
+    assert c.get(h, 1 << 20) == (b"", 1 << 20, "n1")
+    assert hashes.sizes == []  # checked by the record crc32c, never hashed
+    assert {n: s.stats()["gets"] - gets[n] for n, s in stores.items()} == {"n1": 3, "n2": 0, "n3": 0}
+    with pytest.raises(InvalidBlob):
+        c.get(h, 4096, 1 << 20)  # beyond the end
+    with pytest.raises(InvalidBlob):
+        c.get(h, (1 << 20) + 1)
+    # A "range" that is the whole blob is a whole read: hashed once, by the store that read it.
+    assert c.get(h, 0, 1 << 20) == (data, 1 << 20, "n1") and hashes.sizes == [1 << 20]
+    assert c.counters()["ranged_gets"] == 4
+    close_stores(c, stores)
+
+
+def test_a_whole_get_from_the_local_store_hashes_the_blob_once(tmp_path, monkeypatch):
+    c, stores = make_stores(str(tmp_path), late_ack_grace_s=1.0)
+    data = os.urandom(300_000)
+    h = blob_hash(data)
+    c.put(data, h)
+    hashes = HashCount(monkeypatch)
+    assert c.get(h) == (data, len(data), "n1")
+    assert hashes.sizes == [len(data)]  # LocalStore.get checked it; the coordinator trusts that
+    close_stores(c, stores)
+
+
+def test_a_whole_get_from_a_replica_that_does_not_check_is_hashed_by_the_coordinator(tmp_path, monkeypatch):
+    c, reps = make_batch(str(tmp_path), me="client")  # not a replica itself: every read is remote
+    data = os.urandom(5000)
+    h = blob_hash(data)
+    c.put(data, h)
+    hashes = HashCount(monkeypatch)
+    assert c.get(h)[0] == data and hashes.sizes == [5000]
+    c.stop()
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "missing"])
+def test_a_ranged_get_that_meets_a_bad_local_copy_falls_back_and_repairs_it(tmp_path, fault):
+    c, stores = make_stores(str(tmp_path), late_ack_grace_s=1.0)
+    data = os.urandom(200_000)
+    h = blob_hash(data)
+    c.put(data, h)
+    if fault == "corrupt":
+        flip_stored_byte(stores["n1"], h, 150_000)  # outside the range read: the record crc still catches it
+    else:
+        stores["n1"].delete(h)
+    got, size, served_by = c.get(h, 100, 50)
+    assert (got, size) == (data[100:150], len(data)) and served_by != "n1"
+    wait_for(lambda: stores["n1"].verify(h).verified)  # read repair put a good copy back
+    counters = c.counters()
+    assert counters["ranged_fallbacks"] == 1 and counters["read_repairs"] == 1
+    assert counters.get("corrupt_found", 0) == (1 if fault == "corrupt" else 0)
+    assert c.get(h, 100, 50) == (data[100:150], len(data), "n1")
+    close_stores(c, stores)
+
+
+def test_a_ranged_get_of_an_unknown_blob_is_not_found(tmp_path):
+    c, stores = make_stores(str(tmp_path))
+    with pytest.raises(BlobNotFound):
+        c.get(blob_hash(b"never"), 10, 10)
+    close_stores(c, stores)
+
+
+def test_a_ranged_get_with_every_replica_unreachable_is_unavailable(tmp_path):
+    c, reps = make_batch(str(tmp_path))
+    data = os.urandom(3000)
+    h = blob_hash(data)
+    c.put(data, h)
+    for r in reps.values():
+        r.down = True
+    with pytest.raises(ReplicaUnavailable):
+        c.get(h, 10, 10)
+    reps["n3"].down = False  # one reachable copy is enough
+    c._down_until.clear()
+    assert c.get(h, 10, 10) == (data[10:20], 3000, "n3")
+    c.stop()
+
+
+def test_a_ranged_get_fails_over_and_is_hedged_like_a_whole_one(tmp_path):
+    c, reps = make_batch(str(tmp_path), me="client", hedge_after_s=0.02)
+    data = os.urandom(4000)
+    h = blob_hash(data)
+    c.put(data, h)
+    wait_for(lambda: all(h in r.blobs for r in reps.values()))
+    first, second = c.placement(h)[:2]
+    reps[first].delay_s = 1.0
+    t = time.monotonic()
+    got, size, served_by = c.get(h, 1000, 100)
+    assert (got, size) == (data[1000:1100], 4000) and served_by != first and time.monotonic() - t < 0.9
+    assert c.counters()["hedged_reads"] >= 1
+    reps[first].delay_s, reps[first].down = 0.0, True
+    assert c.get(h, 0, 10)[2] != first  # failed over
+    assert all(r.reads == [] for r in reps.values())  # never a whole-blob read
+    c.stop()
+
+
+def test_a_ranged_get_that_meets_a_corrupt_remote_copy_falls_back_and_repairs_it(tmp_path):
+    c, reps = make_batch(str(tmp_path), me="client")
+    data = os.urandom(4000)
+    h = blob_hash(data)
+    c.put(data, h)
+    wait_for(lambda: all(h in r.blobs for r in reps.values()))
+    first = c.placement(h)[0]
+    reps[first].rotten.add(h)
+    got, size, served_by = c.get(h, 5, 5)
+    assert (got, size) == (data[5:10], 4000) and served_by != first
+    wait_for(lambda: h in reps[first].blobs)  # repaired by the whole-blob path
+    assert c.counters()["ranged_fallbacks"] == 1 and c.counters()["corrupt_found"] == 1
+    c.stop()
