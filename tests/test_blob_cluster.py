@@ -522,6 +522,17 @@ def test_put_many_results_equal_one_put_per_blob(tmp_path):
     assert outcomes[0] == outcomes[2] and outcomes[1] == outcomes[3] == 30
 
 
+def test_hint_add_many_counts_each_owed_copy_once(tmp_path):
+    hints = HintLog(os.path.join(tmp_path, "hints"))
+    h1, h2 = blob_hash(b"one"), blob_hash(b"two")
+    hints.add_many([(h1, ["n2", "n3"]), (h1, ["n2"]), (h2, ["n3"])])
+    assert hints.count() == 3
+    hints.add(h1, ["n2"])
+    assert hints.count() == 3 and sorted((t, h) for t, h, _c in hints.pending()) == sorted(
+        [("n2", h1), ("n3", h1), ("n3", h2)])
+    hints.close()
+
+
 def test_put_many_over_replicas_without_it_puts_blob_by_blob(tmp_path):
     c, reps = make(str(tmp_path))  # plain MemReplicas: put and get only
     items = blobs_of(12)
@@ -630,9 +641,10 @@ def test_a_ranged_get_that_meets_a_bad_local_copy_falls_back_and_repairs_it(tmp_
         stores["n1"].delete(h)
     got, size, served_by = c.get(h, 100, 50)
     assert (got, size) == (data[100:150], len(data)) and served_by != "n1"
-    wait_for(lambda: stores["n1"].verify(h).verified)  # read repair put a good copy back
+    # Read repair put a good copy back (and counted it, just after).
+    wait_for(lambda: stores["n1"].verify(h).verified and c.counters().get("read_repairs", 0) == 1)
     counters = c.counters()
-    assert counters["ranged_fallbacks"] == 1 and counters["read_repairs"] == 1
+    assert counters["ranged_fallbacks"] == 1
     assert counters.get("corrupt_found", 0) == (1 if fault == "corrupt" else 0)
     assert c.get(h, 100, 50) == (data[100:150], len(data), "n1")
     close_stores(c, stores)
