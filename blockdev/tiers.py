@@ -67,7 +67,7 @@ class ClusterBlobs:
             for d, h in items:
                 self.cluster.put(d, h)
         else:
-            many(items)
+            many(items, hashed=True)  # the hashes were computed from these bytes just above
         return [h for _d, h in items]
 
     def get(self, h: bytes, offset: int, length: int) -> bytes:

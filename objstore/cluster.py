@@ -271,7 +271,7 @@ class BlobCluster:
         self.count("puts")
         return PutResult(hash=h, stored_on=stored, pending=owed, existed=existed)
 
-    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[PutResult]:
+    def put_many(self, items: Sequence[tuple[bytes, bytes]], *, hashed: bool = False) -> list[PutResult]:
         """put() of every (data, hash) pair, with put()'s guarantees per blob
         (hash and size checked, placed on its own R replicas, stored durably on
         W of them before this returns, the others owed by durable hints) but
@@ -280,13 +280,16 @@ class BlobCluster:
         then 3 calls (the local one and one PutMany per peer) and 3 group
         commits, not 64 puts and 128 RPCs. If any blob misses W the whole
         call fails with NotEnoughReplicas naming it (blobs that did land are
-        unreferenced garbage for GC, as after a failed put)."""
+        unreferenced garbage for GC, as after a failed put). `hashed=True`: the
+        caller in this process computed each hash from its data just now (a
+        volume flush), so it is not computed a second time; the replicas that
+        receive the bytes over the network still check it."""
         items = list(items)
         for data, h in items:
             check_hash(h)
             if len(data) > BLOB_BYTES_MAX:
                 raise InvalidBlob(f"blob of {len(data)} bytes exceeds the limit of {BLOB_BYTES_MAX}")
-            if blob_hash(data) != h:
+            if not hashed and blob_hash(data) != h:
                 raise InvalidBlob(f"data does not match its SHA-256 {h.hex()}")
         if not items:
             return []

@@ -572,6 +572,7 @@ class HashCount:
             self.sizes.append(len(data))
             return real(data)
 
+        self.counted = counted
         monkeypatch.setattr(objstore.api, "blob_hash", counted)
         monkeypatch.setattr(objstore.cluster, "blob_hash", counted)
 
@@ -703,3 +704,27 @@ def test_a_ranged_get_that_meets_a_corrupt_remote_copy_falls_back_and_repairs_it
     wait_for(lambda: h in reps[first].blobs)  # repaired by the whole-blob path
     assert c.counters()["ranged_fallbacks"] == 1 and c.counters()["corrupt_found"] == 1
     c.stop()
+
+
+def test_a_volume_flush_through_cluster_blobs_hashes_each_blob_once(tmp_path, monkeypatch):
+    # blockdev.tiers.ClusterBlobs hashes the flush's blobs to name them and passes
+    # hashed=True: neither the coordinator nor the local store hashes them again.
+    import blockdev.tiers
+
+    c, stores = make_stores(str(tmp_path), late_ack_grace_s=1.0)
+    hashes = HashCount(monkeypatch)
+    monkeypatch.setattr(blockdev.tiers, "blob_hash", hashes.counted)
+    datas = [os.urandom(3000 + i) for i in range(5)]
+    got = blockdev.tiers.ClusterBlobs(c).put_many(datas)
+    assert got == [blob_hash(d) for d in datas]
+    # Three times each: by ClusterBlobs, and by the two peer stores that received the bytes
+    # (in-process here, on other nodes in a cluster); not by the coordinator or the local store.
+    assert sorted(hashes.sizes) == sorted(len(d) for d in datas * 3)
+    for d, h in zip(datas, got, strict=True):
+        for s in stores.values():
+            assert s.get(h) == d
+    # Without the flag the coordinator checks what it is given.
+    hashes.sizes.clear()
+    c.put_many([(datas[0], got[0])])
+    assert hashes.sizes == [len(datas[0])] * 3  # the coordinator, then the two peers
+    close_stores(c, stores)
