@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 
 import pytest
@@ -727,4 +728,30 @@ def test_a_volume_flush_through_cluster_blobs_hashes_each_blob_once(tmp_path, mo
     hashes.sizes.clear()
     c.put_many([(datas[0], got[0])])
     assert hashes.sizes == [len(datas[0])] * 3  # the coordinator, then the two peers
+    close_stores(c, stores)
+
+
+def test_the_local_copy_is_read_in_the_callers_thread_and_a_bad_one_still_fails_over(tmp_path, monkeypatch):
+    c, stores = make_stores(str(tmp_path), late_ack_grace_s=1.0)
+    data = os.urandom(100_000)
+    h = blob_hash(data)
+    c.put(data, h)
+    threads: list[int] = []
+    real = LocalStore.get_range
+
+    def traced(self: LocalStore, *a: object, **kw: object) -> tuple[bytes, int]:
+        threads.append(threading.get_ident())
+        return real(self, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LocalStore, "get_range", traced)
+    assert c.get(h, 10, 4096)[0] == data[10:4106]
+    assert threads == [threading.get_ident()]  # no pool hand-off for the local copy
+    stores["n1"].delete(h)
+    threads.clear()
+    # Missing locally: the whole-blob path finds another copy and repairs this one.
+    assert c.get(h, 10, 4096)[0] == data[10:4106]
+    deadline = time.monotonic() + 5
+    while stores["n1"].info(h) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stores["n1"].get(h) == data
     close_stores(c, stores)
