@@ -113,6 +113,11 @@ def _bytes_pieces(data: bytes) -> Iterator[bytes]:
         yield bytes(view[i:i + api.CHUNK_BYTES])
 
 
+# PutMany calls one put_many keeps in flight to one node (each at most
+# PUT_MANY_BYTES_MAX of data, so at most 16 MiB encoded and waiting).
+PUT_MANY_CALLS_IN_FLIGHT = 4
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:
@@ -366,38 +371,58 @@ class RemoteReplica(_Endpoint):
         """Stores every blob on that node; per blob True if it was already
         there. Blobs of at most SMALL_BYTES_MAX go in PutMany calls of at most
         PUT_MANY_BLOBS_MAX blobs and PUT_MANY_BYTES_MAX data bytes (each a
-        group commit there, one after the other); a larger blob goes alone
-        in a streamed Put. The first failure is raised (calls already made
-        have stored their blobs: harmless, puts are idempotent)."""
+        group commit there), up to PUT_MANY_CALLS_IN_FLIGHT of them at once:
+        a flush of sixteen 1 MiB blobs is four calls, and one after the other
+        they took four times one call's latency. A larger blob goes alone in a
+        streamed Put. The first failure is raised once every call has ended
+        (calls that succeeded stored their blobs: harmless, puts are
+        idempotent)."""
         for _data, h in items:
             api.check_hash(h)
         out = [False] * len(items)
+        batches: list[tuple[list[int], int]] = []
         batch: list[int] = []
         nbytes = 0
-
-        def send() -> None:
-            request = encode_put_many([items[i] for i in batch])
-            try:
-                r = self._put_many_encoded(request, timeout=_deadline_s(self._timeout_s, nbytes),
-                                           metadata=self._metadata)
-            except grpc.RpcError as e:
-                raise _mapped(e, self.address, self._token_error) from None
-            if len(r.existed) != len(batch):
-                raise _ProtocolError(f"{self.address}: PutMany answered {len(r.existed)} of {len(batch)}")
-            for i, existed in zip(batch, r.existed, strict=True):
-                out[i] = bool(existed)
-
         for i, (data, h) in enumerate(items):
             if len(data) > api.SMALL_BYTES_MAX:
                 out[i] = self.put(data, h)
                 continue
             if batch and (len(batch) >= api.PUT_MANY_BLOBS_MAX or nbytes + len(data) > api.PUT_MANY_BYTES_MAX):
-                send()
+                batches.append((batch, nbytes))
                 batch, nbytes = [], 0
             batch.append(i)
             nbytes += len(data)
         if batch:
-            send()
+            batches.append((batch, nbytes))
+        in_flight: list[tuple[list[int], Any]] = []
+        first_error: Exception | None = None
+
+        def finish(idx: list[int], call: Any) -> None:
+            nonlocal first_error
+            try:
+                r = call.result()
+            except grpc.RpcError as e:
+                first_error = first_error or _mapped(e, self.address, self._token_error)
+                return
+            if len(r.existed) != len(idx):
+                first_error = first_error or _ProtocolError(
+                    f"{self.address}: PutMany answered {len(r.existed)} of {len(idx)}")
+                return
+            for i, existed in zip(idx, r.existed, strict=True):
+                out[i] = bool(existed)
+
+        for idx, n in batches:
+            if len(in_flight) >= PUT_MANY_CALLS_IN_FLIGHT:
+                finish(*in_flight.pop(0))
+            if first_error is not None:
+                break
+            request = encode_put_many([items[i] for i in idx])
+            in_flight.append((idx, self._put_many_encoded.future(
+                request, timeout=_deadline_s(self._timeout_s, n), metadata=self._metadata)))
+        for idx, call in in_flight:
+            finish(idx, call)
+        if first_error is not None:
+            raise first_error
         return out
 
     def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes:
