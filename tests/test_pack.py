@@ -967,3 +967,22 @@ def test_a_put_never_dedups_onto_a_rotten_copy(tmp_path, rng):
         assert s.put(d, h) is False  # the rotten copy was set aside and a fresh one written
         assert s.get(h) == d and s.verify(h).verified
         assert s.stats()["corrupt_found"] == 1
+
+
+def test_a_dedup_checks_the_stored_crc_without_decompressing_or_hashing(tmp_path, rng, monkeypatch):
+    # The same content put again and again (a guest writing one pattern) costs a crc
+    # check of the stored copy, not a full verify; rot is still caught (the test above).
+    import objstore.pack as pack
+
+    with LocalStore(str(tmp_path)) as s:
+        d, h = blob(bytes([0xA5]) * 300_000)  # compressible: a full verify would decompress
+        assert s.put(d, h) is False
+
+        def forbidden(*_a: object, **_k: object) -> None:
+            raise AssertionError("a dedup decompressed or hashed the stored copy")
+
+        monkeypatch.setattr(pack, "_content_pieces", forbidden)
+        assert s.put(d, h) is True
+        assert s.put_many([(d, h), (d, h)]) == [True, True]
+        monkeypatch.undo()
+        assert s.verify(h).verified and s.get(h) == d
