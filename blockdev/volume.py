@@ -591,6 +591,7 @@ class Volume:
         _write_lock."""
         if self._dirty_marked:
             return
+        t_mark = time.monotonic()
         kv_pb2 = _kv_pb2()
         value = msgpack.packb({"node": self.node_id, "epoch": self.epoch})
         try:
@@ -602,6 +603,7 @@ class Volume:
             self._fence("marking dirty found another epoch")
         self._dirty_marked = True
         self.stats["dirty_marks"] += 1
+        self.stats["dirty_mark_ms_total"] += int((time.monotonic() - t_mark) * 1000)
 
     def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         self._check_writable()
@@ -670,6 +672,7 @@ class Volume:
         self._check_serving()
         t0 = time.monotonic()
         with self._flush_lock:
+            t_locked = time.monotonic()
             self._check_serving()
             frozen = self.buffer.freeze()
             if not frozen.segments:
@@ -706,6 +709,8 @@ class Volume:
         self._compacted_since_flush = False
         self.stats["flushes"] += 1
         self.stats["flush_ms_total"] += int((time.monotonic() - t0) * 1000)
+        log.debug("event=volume_flushed volume=%s segments=%d waited_ms=%.1f ms=%.1f", self.info.name,
+                  len(frozen.segments), (t_locked - t0) * 1000, (time.monotonic() - t0) * 1000)
 
     def _build(self, frozen: Any) -> dict[int, list[ext.Extent]]:
         """New records for every frozen segment, with their blobs put (W of R),
@@ -723,7 +728,9 @@ class Volume:
                     runs.extend(data_runs)
             plans[seg] = (holes, runs)
         blobs = {seg: b"".join(d for _o, d in runs) for seg, (_h, runs) in plans.items() if runs}
+        t_put = time.monotonic()
         hashes = dict(zip(blobs, put_all(self.blobs, list(blobs.values()), self._pool), strict=True))
+        self.stats["flush_put_ms_total"] += int((time.monotonic() - t_put) * 1000)
         changed: dict[int, list[ext.Extent]] = {}
         for seg, (holes, runs) in plans.items():
             rec = list(self._record(seg))
