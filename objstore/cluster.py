@@ -89,6 +89,7 @@ from objstore.api import (
     iter_all,
 )
 from objstore.hints import HintLog
+from objstore.pack import EncodedBlob
 
 log = logging.getLogger("floe.objstore")
 
@@ -307,8 +308,15 @@ class BlobCluster:
             errors.append({t: "marked down; owed by hint" for t in placed if t not in up})
             for t in up:
                 by_node[t].append(i)
+        # Encoded once here (zstd where it pays; in parallel, zstd releases the GIL)
+        # for the replicas that take encoded blobs: compressible data is compressed
+        # once instead of by each replica, and crosses the network compressed.
+        encoded = (list(self._pool.map(lambda it: EncodedBlob.of(*it), items))
+                   if any(callable(getattr(self.replicas[n], "put_many_encoded", None)) for n in by_node)
+                   else None)
         futs: dict[Future[list[bool]], str] = {
-            self._pool.submit(self._put_many_to, node, [items[i] for i in idxs]): node
+            self._pool.submit(self._put_many_to, node, [items[i] for i in idxs],
+                              [encoded[i] for i in idxs] if encoded is not None else None): node
             for node, idxs in by_node.items()}
         stored: list[list[str]] = [[] for _ in items]
         existed = [False] * len(items)
@@ -361,11 +369,19 @@ class BlobCluster:
         return [PutResult(hash=h, stored_on=stored[i], pending=owed[i], existed=existed[i])
                 for i, (_data, h) in enumerate(items)]
 
-    def _put_many_to(self, node: str, items: list[tuple[bytes, bytes]]) -> list[bool]:
-        """One node's share of a put_many, in one call to it (the local store
-        skips the hash: put_many checked it)."""
+    def _put_many_to(self, node: str, items: list[tuple[bytes, bytes]],
+                     encoded: list[EncodedBlob] | None = None) -> list[bool]:
+        """One node's share of a put_many, in one call to it, encoded when the
+        replica takes encoded blobs (the local store skips the checks:
+        put_many checked the hashes and encoded the blobs itself)."""
         rep = self.replicas[node]
-        if node == self.node_id and self._local_put_many_verified:
+        many_encoded = getattr(rep, "put_many_encoded", None)
+        if encoded is not None and callable(many_encoded):
+            if node == self.node_id:
+                flags = [bool(x) for x in many_encoded(encoded, verified=True)]
+            else:
+                flags = [bool(x) for x in many_encoded(encoded)]
+        elif node == self.node_id and self._local_put_many_verified:
             flags = [bool(x) for x in rep.put_many(items, verified=True)]  # type: ignore[call-arg]
         elif getattr(rep, "put_many", None) is None:
             flags = [self._put_to(node, data, h) for data, h in items]  # a simple replica: put by put

@@ -616,6 +616,10 @@ def _pays(size: int, stored: int) -> bool:
 DEDUP_VERIFY_BYTES_MAX = 4 * 1024 * 1024
 # encode_blob tries zstd on a sample this big before compressing a large blob.
 COMPRESSION_SAMPLE_BYTES = 64 * 1024
+# A zstd frame from elsewhere may be at most this much longer than its content
+# (zstd's worst case for incompressible input is far less; encode_blob never
+# keeps a frame that does not save 10%).
+COMPRESSED_OVERHEAD_MAX = 1024
 
 
 def encode_blob(data: bytes, h: bytes) -> tuple[RecordHeader, bytes]:
@@ -635,6 +639,56 @@ def encode_blob(data: bytes, h: bytes) -> tuple[RecordHeader, bytes]:
         if _pays(len(data), len(z)):
             stored, compression = z, COMPRESSION_ZSTD
     return RecordHeader(compression, h, len(data), len(stored), _crc(stored)), stored
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBlob:
+    """A blob as a record's payload: `stored` is its content (compression
+    COMPRESSION_NONE) or one zstd frame of it (COMPRESSION_ZSTD), `size` the
+    content's length. A coordinator encodes a blob once and ships this to
+    every replica (LocalStore.put_many_encoded, PutMany's `compression`), so
+    compressible data is compressed once, not by each replica, and crosses
+    the network compressed."""
+
+    hash: bytes
+    size: int
+    compression: int
+    stored: bytes
+
+    @staticmethod
+    def of(data: bytes, h: bytes) -> EncodedBlob:
+        """Encoded as a store would (zstd when it pays)."""
+        hdr, stored = encode_blob(data, h)
+        return EncodedBlob(h, hdr.size, hdr.compression, stored)
+
+
+def check_encoded(b: EncodedBlob, verified: bool) -> RecordHeader:
+    """The record header for an encoded blob from elsewhere, once its fields
+    are sane and (unless the caller has just encoded it itself) its content
+    decodes to exactly `size` bytes whose SHA-256 is its hash."""
+    api.check_hash(b.hash)
+    if not 0 <= b.size <= api.BLOB_BYTES_MAX:
+        raise InvalidBlob(f"blob of {b.size} bytes outside [0, {api.BLOB_BYTES_MAX}]")
+    stored = bytes(b.stored)
+    if b.compression == COMPRESSION_NONE:
+        if len(stored) != b.size:
+            raise InvalidBlob(f"an uncompressed blob of {len(stored)} bytes declared {b.size}")
+        if not verified and api.blob_hash(stored) != b.hash:
+            raise InvalidBlob("data does not match its hash")
+    elif b.compression == COMPRESSION_ZSTD:
+        if len(stored) > b.size + COMPRESSED_OVERHEAD_MAX:
+            raise InvalidBlob(f"a zstd frame of {len(stored)} bytes for {b.size} bytes of content")
+        if not verified:
+            try:
+                content = zstandard.ZstdDecompressor().decompress(stored, max_output_size=b.size,
+                                                                  allow_extra_data=False)
+            except zstandard.ZstdError as exc:
+                raise InvalidBlob(f"the zstd frame does not decode: {exc}") from None
+            if len(content) != b.size or api.blob_hash(content) != b.hash:
+                raise InvalidBlob("the decoded content does not match its size and hash")
+    else:
+        raise InvalidBlob(f"unknown compression {b.compression}")
+    return RecordHeader(b.compression, b.hash, b.size, len(stored), _crc(stored))
 
 
 class BlobStream:
@@ -788,6 +842,26 @@ class LocalStore:
             return []
         self._check_writable()
         reqs = [self._put_request(data, h) for data, h in checked]
+        self._submit(reqs)
+        return [r.result for r in reqs]
+
+    def put_many_encoded(self, items: Sequence[EncodedBlob], *, verified: bool = False) -> builtins.list[bool]:
+        """put_many() of blobs already encoded as record payloads (a
+        coordinator encoded them once for every replica): stored as given.
+        Unless `verified` (the caller encoded them itself, just now), each is
+        decoded and its size and SHA-256 checked first; one bad item stores
+        nothing."""
+        headers = [check_encoded(b, verified) for b in items]
+        if not headers:
+            return []
+        self._check_writable()
+        reqs: builtins.list[_Request] = []
+        for b, hdr in zip(items, headers, strict=True):
+            self._count("puts")
+            existing = self._load_entry(b.hash)
+            if existing is not None and existing.stored_size <= DEDUP_VERIFY_BYTES_MAX:
+                self._stored_copy_ok(b.hash)  # a bad copy is quarantined: the writer then writes this one
+            reqs.append(_Request(_PUT, b.hash, nbytes=hdr.record_len, header=hdr, stored=bytes(b.stored)))
         self._submit(reqs)
         return [r.result for r in reqs]
 

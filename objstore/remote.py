@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Self
 import grpc
 
 from objstore import api
+from objstore.pack import COMPRESSION_NONE, EncodedBlob
 from objstore.service import ERROR_METADATA, TOKEN_METADATA
 from objstore.service import GRPC_RECEIVE_BYTES_MAX as SERVER_RECEIVE_BYTES_MAX
 from proto import blob_pb2, blob_pb2_grpc
@@ -127,19 +128,24 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_put_many(items: Sequence[tuple[bytes, bytes]]) -> bytes:
+def encode_put_many(blobs: Sequence[EncodedBlob]) -> bytes:
     """The protobuf encoding of PutManyRequest{blobs: [PutRequest{hash, size,
-    data}, ...]} (proto/blob.proto; replicate left false), written out by hand
-    so each blob's bytes are copied once, by the final join. Field numbers:
-    PutManyRequest.blobs = 1; PutRequest.hash = 1, size = 2, data = 4
-    (length-delimited fields are tag (field << 3 | 2), varint length, bytes;
-    size is tag (2 << 3 | 0), varint). A test holds it equal to protobuf's."""
+    data, compression}, ...]} (proto/blob.proto; replicate left false),
+    written out by hand so each blob's bytes are copied once, by the final
+    join. Field numbers: PutManyRequest.blobs = 1; PutRequest.hash = 1,
+    size = 2, data = 4, compression = 5 (length-delimited fields are tag
+    (field << 3 | 2), varint length, bytes; varint fields tag (field << 3),
+    varint; proto3 leaves zeros and empty bytes out). A test holds it equal
+    to protobuf's."""
     parts: list[bytes] = []
-    for data, h in items:
-        head = b"\x0a" + _varint(len(h)) + h
-        if data:  # proto3 leaves zero-valued scalars and empty bytes out
-            head += b"\x10" + _varint(len(data)) + b"\x22" + _varint(len(data))
-        parts += (b"\x0a", _varint(len(head) + len(data)), head, data)
+    for b in blobs:
+        head = b"\x0a" + _varint(len(b.hash)) + b.hash
+        if b.size:
+            head += b"\x10" + _varint(b.size)
+        if b.stored:
+            head += b"\x22" + _varint(len(b.stored))
+        tail = b"\x28" + _varint(b.compression) if b.compression else b""
+        parts += (b"\x0a", _varint(len(head) + len(b.stored) + len(tail)), head, b.stored, tail)
     return b"".join(parts)
 
 
@@ -379,13 +385,27 @@ class RemoteReplica(_Endpoint):
         idempotent)."""
         for _data, h in items:
             api.check_hash(h)
+        return self._put_many([EncodedBlob(h, len(data), COMPRESSION_NONE, data) for data, h in items])
+
+    def put_many_encoded(self, items: Sequence[EncodedBlob]) -> list[bool]:
+        """put_many() of blobs a coordinator encoded once for all replicas
+        (zstd frames cross the network compressed; that node decodes and
+        checks each before storing the frame as is)."""
+        for b in items:
+            api.check_hash(b.hash)
+        return self._put_many(list(items))
+
+    def _put_many(self, items: list[EncodedBlob]) -> list[bool]:
         out = [False] * len(items)
         batches: list[tuple[list[int], int]] = []
         batch: list[int] = []
         nbytes = 0
-        for i, (data, h) in enumerate(items):
-            if len(data) > api.SMALL_BYTES_MAX:
-                out[i] = self.put(data, h)
+        for i, b in enumerate(items):
+            data = b.stored
+            if b.size > api.SMALL_BYTES_MAX or len(data) > api.SMALL_BYTES_MAX:
+                if b.compression != COMPRESSION_NONE:
+                    raise api.InvalidBlob(f"a compressed blob of {b.size} bytes is too large for PutMany")
+                out[i] = self.put(data, b.hash)
                 continue
             if batch and (len(batch) >= api.PUT_MANY_BLOBS_MAX or nbytes + len(data) > api.PUT_MANY_BYTES_MAX):
                 batches.append((batch, nbytes))

@@ -79,6 +79,7 @@ from typing import Any, BinaryIO, NoReturn, Protocol
 import grpc
 
 from objstore import api
+from objstore.pack import COMPRESSION_NONE, COMPRESSION_ZSTD, EncodedBlob
 from proto import blob_pb2, blob_pb2_grpc
 
 log = logging.getLogger("floe.objstore.service")
@@ -143,6 +144,8 @@ class BlobStore(Protocol):
     def put(self, data: bytes, h: bytes) -> bool: ...
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]: ...
+
+    def put_many_encoded(self, items: Sequence[EncodedBlob]) -> list[bool]: ...
 
     def get(self, h: bytes, offset: int = 0, length: int = 0) -> bytes: ...
 
@@ -429,6 +432,9 @@ class BlobService(blob_pb2_grpc.BlobServiceServicer):  # type: ignore[misc]
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty Put stream: the first message carries hash and size")
         h = _hash_arg(first.hash)
         size = int(first.size)
+        if first.compression:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "Put carries content only (compression 0); "
+                         "compressed blobs go in PutMany")
         if size > api.BLOB_BYTES_MAX:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          f"blob of {size} bytes is over the limit of {api.BLOB_BYTES_MAX}")
@@ -514,6 +520,9 @@ class BlobService(blob_pb2_grpc.BlobServiceServicer):  # type: ignore[misc]
         """Put in one message. The hash is checked once, by whoever stores the
         bytes (the store, or the coordinator before it sends them on)."""
         h = _hash_arg(request.hash)
+        if request.compression:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "PutSmall carries content only (compression 0); "
+                         "compressed blobs go in PutMany")
         data = bytes(request.data)
         if len(data) > api.SMALL_BYTES_MAX:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -531,11 +540,14 @@ class BlobService(blob_pb2_grpc.BlobServiceServicer):  # type: ignore[misc]
         """Many small blobs stored on this node in one group commit (a replica
         call: a coordinator sends each replica the blobs placed on it). Every
         bound is checked, for every blob, before any is stored; the hashes
-        are checked by the store, which stores none if one is wrong."""
+        are checked by the store, which stores none if one is wrong. A blob
+        may come zstd-compressed (`compression` 1: data is the frame, size
+        the content's length, both at most SMALL_BYTES_MAX); the store decodes
+        it, checks size and hash, and keeps the frame as the record."""
         if len(request.blobs) > api.PUT_MANY_BLOBS_MAX:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          f"PutMany carries at most {api.PUT_MANY_BLOBS_MAX} blobs, got {len(request.blobs)}")
-        items: list[tuple[bytes, bytes]] = []
+        encoded: list[EncodedBlob] = []
         total = 0
         for i, blob in enumerate(request.blobs):
             h = _hash_arg(blob.hash, f"blob {i}'s hash")
@@ -543,21 +555,28 @@ class BlobService(blob_pb2_grpc.BlobServiceServicer):  # type: ignore[misc]
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                              f"PutMany stores on this node only; blob {i} asks to replicate (use Put)")
             data = bytes(blob.data)
-            if len(data) > api.SMALL_BYTES_MAX:
+            size, compression = int(blob.size), int(blob.compression)
+            if len(data) > api.SMALL_BYTES_MAX or size > api.SMALL_BYTES_MAX:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"PutMany blobs are at most {api.SMALL_BYTES_MAX} bytes, blob {i} has {len(data)}; "
-                             "use Put")
-            if int(blob.size) != len(data):
+                             f"PutMany blobs are at most {api.SMALL_BYTES_MAX} bytes, blob {i} has "
+                             f"{max(len(data), size)}; use Put")
+            if compression not in (COMPRESSION_NONE, COMPRESSION_ZSTD):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"PutMany blob {i} declared {int(blob.size)} bytes and carried {len(data)}")
+                             f"PutMany blob {i} has unknown compression {compression}")
+            if compression == COMPRESSION_NONE and size != len(data):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"PutMany blob {i} declared {size} bytes and carried {len(data)}")
             total += len(data)
             if total > api.PUT_MANY_BYTES_MAX:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                              f"PutMany carries at most {api.PUT_MANY_BYTES_MAX} data bytes; blob {i} passes that")
-            items.append((data, h))
-        existed = self._store.put_many(items) if items else []
-        if len(existed) != len(items):
-            raise RuntimeError(f"the store answered {len(existed)} of {len(items)} puts")
+            encoded.append(EncodedBlob(h, size, compression, data))
+        if any(b.compression for b in encoded):
+            existed = self._store.put_many_encoded(encoded)
+        else:
+            existed = self._store.put_many([(b.stored, b.hash) for b in encoded]) if encoded else []
+        if len(existed) != len(encoded):
+            raise RuntimeError(f"the store answered {len(existed)} of {len(encoded)} puts")
         return blob_pb2.PutManyResponse(existed=[bool(e) for e in existed])
 
     @_unary

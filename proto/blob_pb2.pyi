@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PutRequest(_message.Message):
-    __slots__ = ("hash", "size", "replicate", "data")
+    __slots__ = ("hash", "size", "replicate", "data", "compression")
     HASH_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     REPLICATE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     hash: bytes
     size: int
     replicate: bool
     data: bytes
-    def __init__(self, hash: _Optional[bytes] = ..., size: _Optional[int] = ..., replicate: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
+    compression: int
+    def __init__(self, hash: _Optional[bytes] = ..., size: _Optional[int] = ..., replicate: _Optional[bool] = ..., data: _Optional[bytes] = ..., compression: _Optional[int] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("hash", "stored_on", "pending", "existed")

@@ -755,3 +755,34 @@ def test_the_local_copy_is_read_in_the_callers_thread_and_a_bad_one_still_fails_
         time.sleep(0.01)
     assert stores["n1"].get(h) == data
     close_stores(c, stores)
+
+
+def test_put_many_compresses_once_and_every_replica_keeps_the_same_frame(tmp_path, monkeypatch):
+    import objstore.pack as pack
+
+    c, stores = make_stores(str(tmp_path), late_ack_grace_s=1.0)
+    datas = [b"".join(b"sector %d of segment %d\n" % (i, k) for i in range(20_000)) for k in range(4)]
+    items = [(d, blob_hash(d)) for d in datas]
+    calls: list[int] = []
+    real = pack.encode_blob
+
+    def counted(data: bytes, h: bytes) -> tuple[pack.RecordHeader, bytes]:
+        calls.append(len(data))
+        return real(data, h)
+
+    monkeypatch.setattr(pack, "encode_blob", counted)
+    c.put_many(items)
+    assert sorted(calls) == sorted(len(d) for d in datas)  # once per blob, not once per replica
+    for d, h in items:
+        frames = set()
+        for s in stores.values():
+            info = s.info(h)
+            assert info is not None and info.compression == "zstd"
+            assert s.get(h) == d and s.verify(h).verified
+            loc = s.locate(h)
+            assert loc is not None
+            with open(loc.path, "rb") as f:
+                f.seek(loc.offset)
+                frames.add(f.read(loc.record_len))
+        assert len(frames) == 1  # the same record bytes on every replica
+    close_stores(c, stores)

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 
 import grpc
 import pytest
+import zstandard
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -107,6 +108,18 @@ class FakeStore:
                 raise InvalidBlob("data does not match its hash")
         self.put_many_calls.append(len(items))
         return [self.put(data, h) for data, h in items]
+
+    def put_many_encoded(self, items: list[Any]) -> list[bool]:
+        """Encoded blobs checked as LocalStore checks them (objstore.pack.check_encoded),
+        every one before any is stored, then kept decoded."""
+        from objstore.pack import COMPRESSION_ZSTD, check_encoded
+
+        self._check()
+        for b in items:
+            check_encoded(b, verified=False)
+        self.put_many_calls.append(len(items))
+        return [self.put(zstandard.ZstdDecompressor().decompress(b.stored, max_output_size=b.size)
+                         if b.compression == COMPRESSION_ZSTD else b.stored, b.hash) for b in items]
 
     def put_file(self, f: BinaryIO, h: bytes, size: int) -> bool:
         buf = io.BytesIO()
@@ -601,6 +614,10 @@ def put_many_msg(datas: list[bytes], *, h: dict[int, bytes] | None = None, size:
         for i, d in enumerate(datas)])
 
 
+ZSTD_5000_ZEROS = zstandard.ZstdCompressor().compress(bytes(5000))
+ZSTD_BOMB = zstandard.ZstdCompressor().compress(bytes(64 << 20))  # a small frame of 64 MiB of zeros
+
+
 # (what is wrong, the call on a raw stub, the status it must get). The node
 # holds GOOD (locally and in the fake cluster) before each one.
 GARBAGE: list[tuple[str, Callable[[Any], Any], grpc.StatusCode]] = [
@@ -673,6 +690,30 @@ GARBAGE: list[tuple[str, Callable[[Any], Any], grpc.StatusCode]] = [
      Code.INVALID_ARGUMENT),
     ("put_many: a missing hash", _unary("PutMany", put_many_msg([b"a"], h={0: b""})), Code.INVALID_ARGUMENT),
     ("put_many: replicate asked for", _unary("PutMany", put_many_msg([b"a", b"b"], replicate={1})),
+     Code.INVALID_ARGUMENT),
+    ("put_many: an unknown compression",
+     _unary("PutMany", blob_pb2.PutManyRequest(blobs=[blob_pb2.PutRequest(
+         hash=GOOD_H, size=len(GOOD), data=GOOD, compression=2)])), Code.INVALID_ARGUMENT),
+    ("put_many: compression 1 on bytes that are no zstd frame",
+     _unary("PutMany", blob_pb2.PutManyRequest(blobs=[blob_pb2.PutRequest(
+         hash=GOOD_H, size=len(GOOD), data=GOOD, compression=1)])), Code.INVALID_ARGUMENT),
+    ("put_many: a zstd frame that decodes to more than its size",
+     _unary("PutMany", blob_pb2.PutManyRequest(blobs=[blob_pb2.PutRequest(
+         hash=blob_hash(bytes(5000)), size=4999, data=ZSTD_5000_ZEROS, compression=1)])), Code.INVALID_ARGUMENT),
+    ("put_many: a zstd frame of other content than its hash",
+     _unary("PutMany", blob_pb2.PutManyRequest(blobs=[blob_pb2.PutRequest(
+         hash=GOOD_H, size=5000, data=ZSTD_5000_ZEROS, compression=1)])), Code.INVALID_ARGUMENT),
+    ("put_many: a compressed blob whose content is over SMALL_BYTES_MAX",
+     _unary("PutMany", blob_pb2.PutManyRequest(blobs=[blob_pb2.PutRequest(
+         hash=GOOD_H, size=api.SMALL_BYTES_MAX + 1, data=ZSTD_5000_ZEROS, compression=1)])), Code.INVALID_ARGUMENT),
+    ("put_many: a zstd bomb (a small frame of 64 MiB of zeros declared 5000 bytes)",
+     _unary("PutMany", blob_pb2.PutManyRequest(blobs=[blob_pb2.PutRequest(
+         hash=blob_hash(bytes(5000)), size=5000, data=ZSTD_BOMB, compression=1)])), Code.INVALID_ARGUMENT),
+    ("put_small: compression set",
+     lambda s: s.PutSmall(blob_pb2.PutRequest(hash=GOOD_H, size=len(GOOD), data=GOOD, compression=1),
+                          metadata=MD, timeout=CALL_S), Code.INVALID_ARGUMENT),
+    ("put: compression set",
+     lambda s: put_msgs(s, [blob_pb2.PutRequest(hash=GOOD_H, size=len(GOOD), data=GOOD, compression=1)]),
      Code.INVALID_ARGUMENT),
     ("get_small: offset beyond the end",
      lambda s: s.GetSmall(blob_pb2.GetRequest(hash=GOOD_H, offset=len(GOOD) + 1, local_only=True),
@@ -1080,17 +1121,42 @@ _PUT_MANY_SIZES = st.sampled_from([0, 1, 127, 128, 129, 16383, 16384, 16385, 2_0
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(_PUT_MANY_SIZES, st.binary(min_size=32, max_size=32)), max_size=6))
-def test_hand_encoded_put_many_is_byte_for_byte_protobufs_encoding(blobs: list[tuple[int, bytes]]) -> None:
+@given(st.lists(st.tuples(_PUT_MANY_SIZES, st.binary(min_size=32, max_size=32), st.sampled_from([0, 1, 200])),
+                max_size=6))
+def test_hand_encoded_put_many_is_byte_for_byte_protobufs_encoding(blobs: list[tuple[int, bytes, int]]) -> None:
     # RemoteReplica sends PutMany encoded by hand (one copy of each blob); the server parses it
-    # with protobuf, so the two encodings must agree exactly, at every varint length boundary.
+    # with protobuf, so the two encodings must agree exactly, at every varint length boundary,
+    # with and without the compression field.
+    from objstore.pack import EncodedBlob
     from objstore.remote import encode_put_many
 
-    items = [(os.urandom(n) if n < 20_000 else bytes([n % 251]) * n, h) for n, h in blobs]
-    want = blob_pb2.PutManyRequest(blobs=[blob_pb2.PutRequest(hash=h, size=len(d), data=d)
-                                          for d, h in items]).SerializeToString()
+    items = [EncodedBlob(h, n + (7 if c else 0), c, os.urandom(n) if n < 20_000 else bytes([n % 251]) * n)
+             for n, h, c in blobs]
+    want = blob_pb2.PutManyRequest(blobs=[
+        blob_pb2.PutRequest(hash=b.hash, size=b.size, data=b.stored, compression=b.compression)
+        for b in items]).SerializeToString()
     got = encode_put_many(items)
     assert got == want
     back = blob_pb2.PutManyRequest.FromString(got)
-    assert [(bytes(b.data), bytes(b.hash), b.size, b.replicate) for b in back.blobs] == \
-        [(d, h, len(d), False) for d, h in items]
+    assert [(bytes(b.data), bytes(b.hash), b.size, b.replicate, b.compression) for b in back.blobs] == \
+        [(b.stored, b.hash, b.size, False, b.compression) for b in items]
+
+
+def test_a_compressed_put_many_is_stored_as_the_frame_it_came_in(node: Node) -> None:
+    # A coordinator compresses once and ships the zstd frame; the replica decodes and checks
+    # it, then keeps the frame as its record.
+    from objstore.pack import COMPRESSION_ZSTD, EncodedBlob
+
+    texty = b" ".join(b"block %d of a volume" % i for i in range(40_000))[:300_000]
+    plain = os.urandom(5000)
+    encoded = [EncodedBlob.of(texty, blob_hash(texty)), EncodedBlob.of(plain, blob_hash(plain))]
+    assert encoded[0].compression == COMPRESSION_ZSTD and len(encoded[0].stored) < len(texty) // 4
+    with RemoteReplica("n1", node.address, TOKEN, timeout_s=CALL_S) as r:
+        assert r.put_many_encoded(encoded) == [False, False]
+        assert r.put_many_encoded(encoded[:1]) == [True]
+        assert r.get(blob_hash(texty)) == texty and r.get(blob_hash(plain)) == plain
+    if isinstance(node.store, LocalStore):  # (the fake store keeps content, not records)
+        info = node.store.info(blob_hash(texty))
+        assert info is not None and info.compression == "zstd" and info.stored_size == len(encoded[0].stored)
+        assert node.store.verify(blob_hash(texty)).verified
+    assert_healthy(node)

@@ -986,3 +986,40 @@ def test_a_dedup_checks_the_stored_crc_without_decompressing_or_hashing(tmp_path
         assert s.put_many([(d, h), (d, h)]) == [True, True]
         monkeypatch.undo()
         assert s.verify(h).verified and s.get(h) == d
+
+
+def test_put_many_encoded_checks_every_frame_before_storing_any(tmp_path, monkeypatch):
+    import zstandard
+
+    from objstore.pack import EncodedBlob
+
+    texty = b"".join(b"line %d\n" % i for i in range(30_000))
+    good = EncodedBlob.of(texty, hashlib.sha256(texty).digest())
+    assert good.compression == 1
+    other = b"x" * 10_000
+    with LocalStore(str(tmp_path)) as s:
+        frame_of_other = zstandard.ZstdCompressor().compress(other)
+        bad = [
+            EncodedBlob(hashlib.sha256(texty).digest(), len(other), 1, frame_of_other),  # another content
+            EncodedBlob(good.hash, good.size - 1, 1, good.stored),  # decodes to more than its size
+            EncodedBlob(good.hash, good.size, 1, good.stored[:-5]),  # a cut frame
+            EncodedBlob(good.hash, good.size, 7, good.stored),  # an unknown compression
+            EncodedBlob(good.hash, good.size, 0, good.stored),  # uncompressed of the wrong length
+        ]
+        for b in bad:
+            with pytest.raises(InvalidBlob):
+                s.put_many_encoded([good, b])
+            assert s.info(good.hash) is None  # nothing stored
+        assert s.put_many_encoded([good]) == [False]
+        info = s.info(good.hash)
+        assert info is not None and info.compression == "zstd" and info.stored_size == len(good.stored)
+        assert s.get(good.hash) == texty and s.verify(good.hash).verified
+        # verified=True (the caller encoded it itself) skips the decode.
+        def no_decode(*_a: object, **_k: object) -> None:
+            raise AssertionError("decoded a blob the caller had encoded")
+
+        monkeypatch.setattr(zstandard.ZstdDecompressor, "decompress", no_decode)
+        again = b"".join(b"row %d\n" % i for i in range(30_000))
+        assert s.put_many_encoded([EncodedBlob.of(again, hashlib.sha256(again).digest())], verified=True) == [False]
+        monkeypatch.undo()
+        assert s.get(hashlib.sha256(again).digest()) == again
