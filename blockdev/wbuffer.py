@@ -78,7 +78,7 @@ MAX_SEGMENTS_DEFAULT = 240
 
 # (offset, length, data bytes or None for a hole). In a Frozen set offsets are
 # within the segment; from read_overlay they are relative to the read's start.
-Piece = tuple[int, int, bytes | None]
+Piece = tuple[int, int, bytes | bytearray | None]
 
 _Data = bytes | bytearray | memoryview
 
@@ -280,7 +280,12 @@ class _Segment:
                 yield max(s, r.start), min(e, r.end), r.start, r.data
             i += 1
 
-    def pieces(self) -> list[Piece]:
+    def pieces(self, *, copy: bool = True) -> list[Piece]:
+        """The runs as (start, length, data). copy=False hands over the run
+        buffers themselves: only for a segment that is dropped right after
+        (freeze), so nothing can change them later."""
+        if not copy:
+            return [(r.start, r.end - r.start, r.data) for r in self.runs]
         return [(r.start, r.end - r.start, None if r.data is None else bytes(r.data)) for r in self.runs]
 
 
@@ -554,7 +559,9 @@ class WriteBuffer:
             if self._frozen is not None:
                 raise FlushInProgress("a frozen set exists; release or unfreeze it before freezing again")
             frozen = Frozen(
-                segments={seg: self._live[seg].pieces() for seg in sorted(self._live)},
+                # The live segments are dropped just below, so their buffers are handed
+                # over, not copied (a copy of every dirty MiB at each flush).
+                segments={seg: self._live[seg].pieces(copy=False) for seg in sorted(self._live)},
                 bytes=self._live_bytes,
                 hole_runs=self._live_holes,
                 segment_bytes=self.segment_bytes,

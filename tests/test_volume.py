@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -616,3 +616,31 @@ def test_a_flush_puts_all_its_blobs_in_one_put_many():
     w = open_volume(v.kv, blobs, node="n2")
     assert w.read(0, BLOCKS) == bytes(expect)
     w.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([1, 50, 4095, 4096, 4099, 8192])), min_size=1, max_size=12),
+       st.booleans())
+def test_split_zero_runs_finds_exactly_the_all_zero_chunks(parts: list[tuple[bool, int]], as_bytearray: bool) -> None:
+    # A flush stores all-zero ZERO_CHUNK pieces (counted from the run's start) as holes and the
+    # rest as data; the fast paths (no zero chunk at all / all zeros) must agree with the walk.
+    from blockdev.volume import ZERO_CHUNK, _split_zero_runs
+
+    data = b"".join(bytes(n) if zero else bytes([7]) * n for zero, n in parts)
+    z = ZERO_CHUNK
+    if data.count(0) == len(data):
+        want: tuple[list[tuple[int, int]], list[tuple[int, bytes]]] = ([(9, len(data))], [])
+    elif len(data) < 2 * z:
+        want = ([], [(9, data)])
+    else:
+        kinds: list[tuple[bool, int, int]] = []
+        for i in range(0, len(data), z):
+            j = min(i + z, len(data))
+            is_zero = data[i:j].count(0) == j - i
+            if kinds and kinds[-1][0] == is_zero:
+                kinds[-1] = (is_zero, kinds[-1][1], j)
+            else:
+                kinds.append((is_zero, i, j))
+        want = ([(9 + a, b - a) for k, a, b in kinds if k], [(9 + a, data[a:b]) for k, a, b in kinds if not k])
+    holes, runs = _split_zero_runs(9, bytearray(data) if as_bytearray else data)
+    assert (holes, [(o, bytes(d)) for o, d in runs]) == want
