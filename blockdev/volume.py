@@ -879,7 +879,7 @@ def _record_bytes(seg: int, rec: list[ext.Extent]) -> int:
 def _split_zero_runs(s_off: int, data: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, bytes]]]:
     """Split a dirty run into holes (all-zero ZERO_CHUNK pieces, counted from
     the run's start) and data runs; neighbouring pieces of a kind merge."""
-    if data.count(0) == len(data):  # all zeros (count is C-speed; any() walks byte by byte)
+    if not data or (not data[0] and data.count(0) == len(data)):  # all zeros (the first byte rules most out)
         return [(s_off, len(data))], []
     if len(data) < 2 * ZERO_CHUNK:
         return [], [(s_off, data)]
