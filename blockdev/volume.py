@@ -156,7 +156,7 @@ def put_all(tier: BlobTier, datas: list[bytes], pool: ThreadPoolExecutor) -> lis
         if len(hashes) != len(datas):
             raise RuntimeError(f"put_many returned {len(hashes)} hashes for {len(datas)} blobs")
         return hashes
-    return list(pool.map(tier.put, datas))
+    return list(pool.map(lambda d: tier.put(d if isinstance(d, bytes) else bytes(d)), datas))
 
 
 class BlobCache:
@@ -727,7 +727,11 @@ class Volume:
                     holes.extend(holes_in)
                     runs.extend(data_runs)
             plans[seg] = (holes, runs)
-        blobs = {seg: b"".join(d for _o, d in runs) for seg, (_h, runs) in plans.items() if runs}
+        # A segment written as one run (a whole-segment write) is its own blob: the frozen
+        # buffer is handed over, not joined into a copy (it is never changed again: the
+        # buffer dropped its live segments at freeze, and the cache may keep it).
+        blobs = {seg: runs[0][1] if len(runs) == 1 else b"".join(d for _o, d in runs)
+                 for seg, (_h, runs) in plans.items() if runs}
         t_put = time.monotonic()
         hashes = dict(zip(blobs, put_all(self.blobs, list(blobs.values()), self._pool), strict=True))
         self.stats["flush_put_ms_total"] += int((time.monotonic() - t_put) * 1000)

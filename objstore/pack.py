@@ -669,7 +669,7 @@ def check_encoded(b: EncodedBlob, verified: bool) -> RecordHeader:
     api.check_hash(b.hash)
     if not 0 <= b.size <= api.BLOB_BYTES_MAX:
         raise InvalidBlob(f"blob of {b.size} bytes outside [0, {api.BLOB_BYTES_MAX}]")
-    stored = bytes(b.stored)
+    stored = b.stored
     if b.compression == COMPRESSION_NONE:
         if len(stored) != b.size:
             raise InvalidBlob(f"an uncompressed blob of {len(stored)} bytes declared {b.size}")
@@ -851,6 +851,7 @@ class LocalStore:
         Unless `verified` (the caller encoded them itself, just now), each is
         decoded and its size and SHA-256 checked first; one bad item stores
         nothing."""
+        items = [b if isinstance(b.stored, bytes) else replace(b, stored=bytes(b.stored)) for b in items]
         headers = [check_encoded(b, verified) for b in items]
         if not headers:
             return []
@@ -861,7 +862,7 @@ class LocalStore:
             existing = self._load_entry(b.hash)
             if existing is not None and existing.stored_size <= DEDUP_VERIFY_BYTES_MAX:
                 self._stored_copy_ok(b.hash)  # a bad copy is quarantined: the writer then writes this one
-            reqs.append(_Request(_PUT, b.hash, nbytes=hdr.record_len, header=hdr, stored=bytes(b.stored)))
+            reqs.append(_Request(_PUT, b.hash, nbytes=hdr.record_len, header=hdr, stored=b.stored))
         self._submit(reqs)
         return [r.result for r in reqs]
 
