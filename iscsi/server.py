@@ -28,7 +28,9 @@ wait for the socket to drain before the next event is taken).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -335,22 +337,29 @@ class _Conn:
                 return _lun_not_supported(a.cdb)
             return lu.execute(nexus, a.cdb, a.data_out)
 
-        fut = loop.run_in_executor(self.server.pool, run)
+        def fenced() -> None:
+            if lu is not None and self.key is not None:
+                self.server.catalog_fenced(self.key[2], lu)
+            self.events.put_nowait(("fenced", None))
 
-        def finished(f: asyncio.Future[ScsiResult]) -> None:
-            exc = f.exception()
-            if isinstance(exc, LunFenced):
-                if lu is not None and self.key is not None:
-                    self.server.catalog_fenced(self.key[2], lu)
-                self.events.put_nowait(("fenced", None))
-            elif exc is not None:
+        def job() -> None:
+            # In a worker thread; what it found is handed to the loop through the server's
+            # completion queue (one wake-up for every completion that piles up meanwhile),
+            # not through an asyncio future per command.
+            done: Callable[[], None]
+            try:
+                result = run()
+            except LunFenced:
+                done = fenced
+            except Exception as exc:  # noqa: BLE001 - any device failure is the command's, not the server's
                 log.error("event=iscsi_execute_failed error=%r", exc)
-                self.events.put_nowait(("done", (a.task, ScsiResult(
-                    status=CHECK_CONDITION, sense=S.fixed(*S.INTERNAL_TARGET_FAILURE)))))
+                failure = ScsiResult(status=CHECK_CONDITION, sense=S.fixed(*S.INTERNAL_TARGET_FAILURE))
+                done = functools.partial(self.events.put_nowait, ("done", (a.task, failure)))
             else:
-                self.events.put_nowait(("done", (a.task, f.result())))
+                done = functools.partial(self.events.put_nowait, ("done", (a.task, result)))
+            self.server._complete(loop, done)
 
-        fut.add_done_callback(finished)
+        self.server.pool.submit(job)
 
     def _task_management(self, a: TaskManagement) -> None:
         loop = asyncio.get_running_loop()
@@ -384,11 +393,41 @@ class IscsiServer:
         self._tsih = _counter()
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Worker threads' completions waiting for the loop, and whether a wake-up is on its way.
+        self._completions: collections.deque[Callable[[], None]] = collections.deque()
+        self._completions_lock = threading.Lock()
+        self._wake_pending = False
         self._thread: threading.Thread | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.stats: dict[str, int] = {"connections": 0, "sessions": 0, "refused": 0}
 
     # ------------------------------------------------------------ sessions
+
+    def _complete(self, loop: asyncio.AbstractEventLoop, done: Callable[[], None]) -> None:
+        """From a worker thread: run `done` on the loop. Under load many completions
+        share one call_soon_threadsafe (and one self-pipe write and loop wake-up)."""
+        with self._completions_lock:
+            self._completions.append(done)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            loop.call_soon_threadsafe(self._run_completions)
+        except RuntimeError:  # the loop is closed: the server is stopping, nobody waits
+            with self._completions_lock:
+                self._completions.clear()
+                self._wake_pending = False
+
+    def _run_completions(self) -> None:
+        with self._completions_lock:
+            batch = list(self._completions)
+            self._completions.clear()
+            self._wake_pending = False
+        for done in batch:
+            try:
+                done()
+            except Exception:  # one connection's trouble must not lose the others' completions
+                log.exception("event=iscsi_completion_failed")
 
     def _admit(self, conn: _Conn) -> bool:
         """Register a new normal session; reinstate (close) an older one with the same
