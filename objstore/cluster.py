@@ -170,6 +170,9 @@ class BlobCluster:
         local_put_many = getattr(self.local, "put_many", None)
         self._local_put_many_verified = local_put_many is not None and "verified" in inspect.signature(
             local_put_many).parameters
+        local_encoded = getattr(self.local, "put_many_encoded", None)
+        self._local_encoded_verified = callable(local_encoded) and "verified" in inspect.signature(
+            local_encoded).parameters
         self.live_set = live_set
         self.gc_grace_s = gc_grace_s
         self.peer_scrub = peer_scrub
@@ -377,7 +380,7 @@ class BlobCluster:
         rep = self.replicas[node]
         many_encoded = getattr(rep, "put_many_encoded", None)
         if encoded is not None and callable(many_encoded):
-            if node == self.node_id:
+            if node == self.node_id and self._local_encoded_verified:
                 flags = [bool(x) for x in many_encoded(encoded, verified=True)]
             else:
                 flags = [bool(x) for x in many_encoded(encoded)]
