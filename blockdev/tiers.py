@@ -62,12 +62,7 @@ class ClusterBlobs:
         """All of a flush's blobs in one call per replica (BlobCluster.put_many):
         returns when every one is durable on W of R, like put."""
         items = [(d, blob_hash(d)) for d in datas]
-        many = getattr(self.cluster, "put_many", None)
-        if many is None:
-            for d, h in items:
-                self.cluster.put(d, h)
-        else:
-            many(items, hashed=True)  # the hashes were computed from these bytes just above
+        self.cluster.put_many(items, hashed=True)  # the hashes were computed from these bytes just above
         return [h for _d, h in items]
 
     def get(self, h: bytes, offset: int, length: int) -> bytes:

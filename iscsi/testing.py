@@ -124,13 +124,14 @@ class MiniInitiator:
         self.itt += 1
         return rsp
 
-    def command(self, cdb: bytes, *, read_len: int = 0, data: bytes = b"") -> tuple[int, bytes, bytes]:
+    def command(self, cdb: bytes, *, read_len: int = 0, data: bytes = b"", lun: int = 0) -> tuple[int, bytes, bytes]:
         """One SCSI command with immediate data (up to FirstBurstLength); (status, data-in, sense)."""
         itt = self.itt
         self.itt += 1
         cdb16 = cdb.ljust(16, b"\0")
         self.send(P.ScsiCommand(itt=itt, cdb=cdb16, edtl=read_len or len(data), cmdsn=self.cmdsn,
-                                expstatsn=self.statsn, read=bool(read_len), write=bool(data), attr=1, data=data))
+                                expstatsn=self.statsn, lun=lun, read=bool(read_len), write=bool(data), attr=1,
+                                data=data))
         self.cmdsn += 1
         got = bytearray()
         while True:

@@ -859,9 +859,7 @@ class LocalStore:
         reqs: builtins.list[_Request] = []
         for b, hdr in zip(items, headers, strict=True):
             self._count("puts")
-            existing = self._load_entry(b.hash)
-            if existing is not None and existing.stored_size <= DEDUP_VERIFY_BYTES_MAX:
-                self._stored_copy_ok(b.hash)  # a bad copy is quarantined: the writer then writes this one
+            self._dedup_copy(b.hash)  # a bad copy is quarantined: the writer then writes this one
             reqs.append(_Request(_PUT, b.hash, nbytes=hdr.record_len, header=hdr, stored=b.stored))
         self._submit(reqs)
         return [r.result for r in reqs]
@@ -870,17 +868,7 @@ class LocalStore:
         """The writer request for a checked put: the record is encoded here,
         in the caller's thread, unless the blob looks like a dedup."""
         self._count("puts")
-        existing = self._load_entry(h)
-        if existing is not None and existing.stored_size <= DEDUP_VERIFY_BYTES_MAX:
-            # A dedup counts as a durable copy (the coordinator counts it toward
-            # W), so the copy it relies on must be good: check it now. A bad
-            # one is quarantined and a fresh record is written. The record's
-            # header and crc32c catch rot; its content hash was checked when it
-            # was written, so it is not decompressed and hashed again here (the
-            # same content put again and again, a guest writing one pattern,
-            # paid a full verify per put).
-            if not self._stored_copy_ok(h):
-                existing = None
+        existing = self._dedup_copy(h)
         if existing is not None:
             # Probably a dedup: leave the encoding to the writer in the rare
             # case the blob is gone by the time it decides.
@@ -1083,6 +1071,20 @@ class LocalStore:
             return VerifyResult(present=False, verified=False, info=None, error="not present")
         except BlobCorrupt as exc:
             return VerifyResult(present=True, verified=False, info=_info(h, e0, self._clock()), error=str(exc))
+
+    def _dedup_copy(self, h: bytes) -> _Entry | None:
+        """The indexed copy a put of h would dedup onto, or None. A dedup counts
+        as a durable copy (the coordinator counts it toward W), so the copy it
+        relies on must be good: it is checked now, and a bad one quarantined
+        (a fresh record is then written). The record's header and crc32c catch
+        rot; its content hash was checked when it was written, so it is not
+        decompressed and hashed again here (the same content put again and
+        again, a guest writing one pattern, paid a full verify per put)."""
+        existing = self._load_entry(h)
+        if existing is not None and existing.stored_size <= DEDUP_VERIFY_BYTES_MAX \
+                and not self._stored_copy_ok(h):
+            return None
+        return existing
 
     def _stored_copy_ok(self, h: bytes) -> bool:
         """The copy's header and crc32c hold (a failing copy is quarantined)."""

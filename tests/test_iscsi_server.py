@@ -291,28 +291,6 @@ def ping(ini: MiniInitiator) -> P.NopIn:
     return rsp
 
 
-def command_on_lun(ini: MiniInitiator, cdb: bytes, lun: int, read_len: int = 0) -> tuple[int, bytes, bytes]:
-    """MiniInitiator.command for a LUN other than 0, reads and no-data commands only."""
-    itt = ini.itt
-    ini.itt += 1
-    ini.send(P.ScsiCommand(itt=itt, cdb=cdb.ljust(16, b"\0"), edtl=read_len, cmdsn=ini.cmdsn, expstatsn=ini.statsn,
-                           lun=lun, read=bool(read_len), attr=1))
-    ini.cmdsn += 1
-    got = bytearray()
-    while True:
-        p = ini.recv()
-        if isinstance(p, P.DataIn) and p.itt == itt:
-            got[p.buffer_offset:p.buffer_offset + len(p.data)] = p.data
-            if p.status_present:
-                ini.statsn = p.statsn + 1
-                return p.status, bytes(got), b""
-        elif isinstance(p, P.ScsiResponse) and p.itt == itt:
-            ini.statsn = p.statsn + 1
-            return p.status, bytes(got), p.sense
-        else:
-            raise AssertionError(f"unexpected {p!r}")
-
-
 def raw_connect(port: int) -> socket.socket:
     sock = socket.create_connection((HOST, port), timeout=HANG_S)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # so each chunk of a split goes out alone
@@ -1001,9 +979,9 @@ def test_a_lun_other_than_zero_is_not_supported(portal: Portal) -> None:
     # 011b; every other command gets LOGICAL UNIT NOT SUPPORTED (25h/00h).
     ini = portal.session()
     try:
-        status, data, _ = command_on_lun(ini, INQUIRY_36, LUN_1, read_len=36)
+        status, data, _ = ini.command(INQUIRY_36, read_len=36, lun=LUN_1)
         assert status == GOOD and data[0] == 0x7F, data.hex()
-        status, _, sense = command_on_lun(ini, TEST_UNIT_READY, LUN_1)
+        status, _, sense = ini.command(TEST_UNIT_READY, lun=LUN_1)
         assert status == CHECK_CONDITION and sense_of(sense) == tuple(S.LOGICAL_UNIT_NOT_SUPPORTED)
         round_trip(ini, 700, random.Random(13))
     finally:
